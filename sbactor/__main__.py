@@ -1,0 +1,5 @@
+import sys
+
+from sbactor.cli import main
+
+sys.exit(main())

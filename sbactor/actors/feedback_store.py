@@ -1,0 +1,238 @@
+"""FeedbackStore: the actor that owns per-deployment outcome statistics.
+
+Writes (end-of-request outcomes, verified client feedback) go through the mailbox, so the stats
+have exactly one writer. Reads do not: the actor replaces an immutable map on every update, and
+``stats_snapshot``/``route`` read it synchronously — routing costs no round trip per request
+(safe because trio runs every task on one thread).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Literal
+
+import attrs
+import trio
+
+from sbactor.actors.runtime import Actor
+from sbactor.routing.config import RoutingSettings
+from sbactor.routing.share import ShareWindow
+from sbactor.routing.stats import (
+    EMPTY_STATS,
+    DeploymentStats,
+    Outcome,
+    apply_feedback,
+    decay,
+    score,
+    update_stats,
+)
+from sbactor.routing.strategies import Candidate, Router, in_warmup
+
+FeedbackStatus = Literal["applied", "unknown", "duplicate"]
+
+
+@attrs.frozen
+class FeedbackResult:
+    """``unknown`` → the endpoint answers 404; ``duplicate`` → ignored; ``applied`` → folded in
+    (and worth a ledger event: deployment and model say whose stats moved)."""
+
+    status: FeedbackStatus
+    request_id: str
+    deployment_id: str | None = None
+    model: str | None = None
+    outcome: str | None = None
+    score: float | None = None
+
+
+@attrs.frozen
+class _Feedback:
+    request_id: str
+    outcome: str
+    score: float | None
+
+
+@attrs.define
+class _Served:
+    deployment_id: str
+    model: str
+    feedback_done: bool = False
+
+
+def _check_feedback(outcome: str, score: float | None) -> float:
+    """Validate a ``POST /v1/feedback`` body's fields; return the observation in [0, 1]."""
+    if outcome not in ("success", "failure"):
+        raise ValueError(f"outcome must be 'success' or 'failure', got {outcome!r}")
+    if score is None:
+        return 1.0 if outcome == "success" else 0.0
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        raise ValueError("score must be a number between 0 and 1")
+    if not 0.0 <= score <= 1.0:
+        raise ValueError(f"score must be between 0 and 1, got {score}")
+    return float(score)
+
+
+@attrs.define(eq=False)
+class FeedbackStore(Actor):
+    """Owns ``deployment_id → DeploymentStats`` and a bounded ``request_id → deployment`` map."""
+
+    name: str = "feedback_store"
+    settings: RoutingSettings = attrs.field(factory=RoutingSettings)
+    clock: Callable[[], float] = trio.current_time
+    rng: random.Random = attrs.field(factory=random.Random)
+    call_timeout_s: float = 5.0
+
+    _stats: Mapping[str, DeploymentStats] = attrs.field(
+        init=False, factory=lambda: MappingProxyType({})
+    )
+    _served: OrderedDict[str, _Served] = attrs.field(init=False, factory=OrderedDict)
+    _shares: ShareWindow = attrs.field(init=False)
+    _router: Router = attrs.field(init=False)
+    _outcomes: int = attrs.field(init=False, default=0)
+    _feedback_counts: dict[str, int] = attrs.field(
+        init=False, factory=lambda: {"applied": 0, "unknown": 0, "duplicate": 0}
+    )
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._shares = ShareWindow(self.settings.share_window)
+        self._router = Router(self.settings, self.rng)
+
+    # ---- client API ------------------------------------------------------------------------
+
+    async def record_outcome(self, outcome: Outcome) -> None:
+        """Queue one end-of-request outcome (waits for mailbox room)."""
+        await self.cast(outcome)
+
+    def record_outcome_nowait(self, outcome: Outcome) -> None:
+        """Queue one outcome; raises ``trio.WouldBlock`` when the mailbox is full."""
+        self.cast_nowait(outcome)
+
+    async def feedback(
+        self, request_id: str, outcome: str, score: float | None = None
+    ) -> FeedbackResult:
+        """Fold a client-verified outcome into the success rate of the deployment that served
+        ``request_id``. Raises ``ValueError`` (→ 400) for a bad outcome/score; waits at most
+        ``call_timeout_s`` (``ActorCallTimeout``)."""
+        _check_feedback(outcome, score)
+        result: FeedbackResult = await self.call(
+            _Feedback(request_id, outcome, score), timeout=self.call_timeout_s
+        )
+        return result
+
+    def stats_snapshot(self) -> Mapping[str, DeploymentStats]:
+        """The current immutable stats map (sync; replaced wholesale on each update)."""
+        return self._stats
+
+    def note_choice(self, model: str, deployment_id: str) -> None:
+        """Count a routing choice toward the model's share-of-traffic window."""
+        self._shares.note(model, deployment_id)
+
+    def route(self, model: str, strategy: str, candidates: Sequence[Candidate]) -> Candidate:
+        """Choose a deployment with the current stats and note the choice (sync, no round trip).
+
+        Raises ``NoCandidates`` when ``candidates`` is empty."""
+        chosen = self._router.pick(model, strategy, candidates, self._stats, self.clock())
+        self.note_choice(model, chosen.deployment_id)
+        return chosen
+
+    def routing_view(
+        self,
+        models: Mapping[str, Sequence[Candidate]],
+        strategies: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """The body of ``GET /admin/routing``: per model, each deployment's EWMAs, samples,
+        score (``null`` when unknown or infinite) and share of recent traffic."""
+        now = self.clock()
+        settings = self.settings
+        out: list[dict[str, Any]] = []
+        for model, candidates in models.items():
+            shares = self._shares.shares(model)
+            rows = []
+            for c in candidates:
+                raw = self._stats.get(c.deployment_id, EMPTY_STATS)
+                view = decay(raw, now, settings.decay_s)
+                value = score(view, settings.latency_weight)
+                rows.append({
+                    "deployment_id": c.deployment_id,
+                    "provider": c.provider,
+                    "model": c.model,
+                    "price": {"input_per_mtok": c.input_per_mtok,
+                              "output_per_mtok": c.output_per_mtok},
+                    "samples": raw.samples,
+                    "successes": raw.successes,
+                    "refusals": raw.refusals,
+                    "feedback": raw.feedback,
+                    "ewma_cost_usd": view.ewma_cost,
+                    "success_rate": round(view.ewma_success, 6),
+                    "refusal_rate": round(view.ewma_refusal, 6),
+                    "latency_s": view.ewma_latency,
+                    "score": None if raw.samples == 0 or math.isinf(value) else value,
+                    "never_succeeded": raw.never_succeeded,
+                    "share": round(shares.get(c.deployment_id, 0.0), 4),
+                    "idle_s": None if raw.last_update is None else round(now - raw.last_update, 3),
+                })
+            out.append({
+                "model": model,
+                "strategy": (strategies or {}).get(model),
+                "warmup": in_warmup(candidates, self._stats, settings),
+                "recent_choices": self._shares.total(model),
+                "deployments": rows,
+            })
+        return {"settings": attrs.asdict(settings), "models": out}
+
+    # ---- the actor side ----------------------------------------------------------------------
+
+    async def handle(self, message: Any) -> Any:
+        if isinstance(message, Outcome):
+            self._record(message)
+            return None
+        if isinstance(message, _Feedback):
+            return self._apply(message)
+        raise TypeError(f"FeedbackStore cannot handle {type(message).__name__}")
+
+    def _record(self, o: Outcome) -> None:
+        now = self.clock()
+        s = self.settings
+        current = decay(self._stats.get(o.deployment_id, EMPTY_STATS), now, s.decay_s)
+        self._replace(o.deployment_id, update_stats(current, o, s.alpha, now))
+        self._outcomes += 1
+        self._served.pop(o.request_id, None)
+        self._served[o.request_id] = _Served(o.deployment_id, o.model)
+        while len(self._served) > s.feedback_capacity:
+            self._served.popitem(last=False)
+
+    def _apply(self, f: _Feedback) -> FeedbackResult:
+        served = self._served.get(f.request_id)
+        if served is None:
+            self._feedback_counts["unknown"] += 1
+            return FeedbackResult("unknown", f.request_id)
+        base = FeedbackResult("duplicate", f.request_id, served.deployment_id, served.model,
+                              f.outcome, f.score)
+        if served.feedback_done:
+            self._feedback_counts["duplicate"] += 1
+            return base
+        served.feedback_done = True
+        now = self.clock()
+        s = self.settings
+        current = decay(self._stats.get(served.deployment_id, EMPTY_STATS), now, s.decay_s)
+        value = _check_feedback(f.outcome, f.score)
+        self._replace(served.deployment_id, apply_feedback(current, value, s.alpha, now))
+        self._feedback_counts["applied"] += 1
+        return attrs.evolve(base, status="applied")
+
+    def _replace(self, deployment_id: str, stats: DeploymentStats) -> None:
+        updated = dict(self._stats)
+        updated[deployment_id] = stats
+        self._stats = MappingProxyType(updated)
+
+    def state_summary(self) -> dict[str, Any]:
+        return {
+            "deployments": len(self._stats),
+            "outcomes": self._outcomes,
+            "tracked_requests": len(self._served),
+            "feedback": dict(self._feedback_counts),
+        }

@@ -1,0 +1,160 @@
+"""The HTTP edge: a quart-trio app whose handlers only translate HTTP to pipeline calls."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import orjson
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from sbactor.auth import admin_key_ok
+from sbactor.errors import GatewayError, error_body
+from sbactor.gateway import Gateway
+from sbactor.logs import request_id_var
+from sbactor.pipeline.chat import handle_chat, handle_embeddings
+from sbactor.pipeline.feedback import handle_feedback
+
+log = logging.getLogger("sbactor.app")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status=status, headers=headers, content_type="application/json")
+
+
+def error_response(err: GatewayError) -> Response:
+    return Response(
+        err.body(), status=err.status, headers=dict(err.headers), content_type="application/json"
+    )
+
+
+def create_app(gateway: Gateway) -> QuartTrio:
+    app = QuartTrio("sbactor")
+    app.config["MAX_CONTENT_LENGTH"] = gateway.config.server.max_body_bytes
+    app.config["BODY_TIMEOUT"] = 60
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+
+    @app.before_request
+    async def _start() -> None:
+        incoming = request.headers.get("x-request-id")
+        rid = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        g.request_id = rid
+        g.started = time.perf_counter()
+        request_id_var.set(rid)
+
+    @app.after_request
+    async def _finish(response: Response) -> Response:
+        rid = getattr(g, "request_id", None)
+        if rid:
+            response.headers["x-request-id"] = rid
+        started = getattr(g, "started", None)
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        status = str(response.status_code)
+        gateway.metrics.requests.labels(rule, status).inc()
+        if started is not None:
+            gateway.metrics.latency.labels(rule, status).observe(time.perf_counter() - started)
+        return response
+
+    @app.errorhandler(GatewayError)
+    async def _gateway_error(err: GatewayError) -> Response:
+        return error_response(err)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        if status == 413:
+            limit = gateway.config.server.max_body_bytes
+            message = f"request body is larger than the limit of {limit} bytes"
+            return Response(
+                error_body(message, "invalid_request_error", "request_too_large"),
+                status=413, content_type="application/json",
+            )
+        if status == 404:
+            message = f"no such route: {request.method} {request.path}"
+        elif status == 405:
+            message = f"method {request.method} not allowed on {request.path}"
+        else:
+            message = exc.description or exc.name
+        return Response(
+            error_body(message, "invalid_request_error", exc.name.lower().replace(" ", "_")),
+            status=status, content_type="application/json",
+        )
+
+    @app.errorhandler(Exception)
+    async def _bug(exc: Exception) -> Response:
+        log.exception("internal error")
+        return Response(
+            error_body("internal gateway error; see the gateway log for this request id",
+                       "internal_error", "internal_error"),
+            status=500, content_type="application/json",
+        )
+
+    def require_admin() -> None:
+        ok = admin_key_ok(
+            gateway.config.server.admin_key,
+            request.headers.get("authorization"),
+            request.headers.get("x-admin-key"),
+        )
+        if not ok:
+            raise GatewayError(401, "admin key required", "authentication_error", "invalid_admin_key")
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        reasons = gateway.unready_reasons()
+        if reasons:
+            return json_response({"ready": False, "reasons": reasons}, status=503)
+        return json_response({"ready": True})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(), content_type="text/plain; version=0.0.4")
+
+    @app.get("/admin/actors")
+    async def admin_actors() -> Response:
+        require_admin()
+        return json_response({"actors": gateway.actor_statistics()})
+
+    @app.get("/admin/budgets")
+    async def admin_budgets() -> Response:
+        require_admin()
+        return json_response({"budgets": await gateway.budget_view()})
+
+    @app.get("/admin/routing")
+    async def admin_routing() -> Response:
+        require_admin()
+        return json_response({"models": gateway.routing_view()})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        gateway.authenticate(request.headers)
+        data = [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": "sbactor"}
+            for m in gateway.config.models
+        ]
+        return json_response({"object": "list", "data": data})
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> Response:
+        return await handle_chat(gateway, g.request_id, g.started)
+
+    @app.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        return await handle_embeddings(gateway, g.request_id, g.started)
+
+    @app.post("/v1/feedback")
+    async def feedback() -> Response:
+        return await handle_feedback(gateway, g.request_id)
+
+    return app

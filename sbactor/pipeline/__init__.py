@@ -1,0 +1,1 @@
+"""The request pipeline: auth → parse → guardrails → budget → policy → route → dispatch → event."""

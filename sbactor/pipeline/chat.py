@@ -1,0 +1,215 @@
+"""``/v1/chat/completions`` and ``/v1/embeddings``: the pipeline, top to bottom.
+
+auth → parse/validate → admission → guardrails → budget pre-flight → routing → policy →
+dispatch (retries, fallbacks) → response → one usage event.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+import trio
+from quart import Response, request
+
+from sbactor.errors import GatewayError
+from sbactor.gateway import Gateway
+from sbactor.pipeline.context import (
+    RequestContext,
+    parse_body,
+    require_model,
+    validate_chat,
+    validate_embeddings,
+)
+from sbactor.pipeline.dispatch import Served, dispatch, open_stream
+from sbactor.pipeline.events import cost_of, finish, usage_numbers
+from sbactor.pipeline.stages import Refused, run_budget, run_guardrails, run_policy
+from sbactor.pipeline.stream import stream_response
+from sbactor.providers.base import Provider, UpstreamResponse
+from sbactor.resilience.compress import estimate_tokens
+
+
+async def _begin(gateway: Gateway, request_id: str, started: float, surface: str) -> RequestContext:
+    principal = gateway.authenticate(request.headers)
+    raw = await request.get_data(cache=False)
+    body = parse_body(raw if isinstance(raw, bytes) else raw.encode())
+    model = require_model(body, gateway.models, surface)
+    if surface == "chat":
+        validate_chat(body)
+    else:
+        validate_embeddings(body)
+    error = gateway.admission()
+    if error is not None:
+        raise error
+    stream = bool(body.get("stream")) if surface == "chat" else False
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    return RequestContext(
+        request_id=request_id,
+        started=started,
+        principal=principal,
+        surface=surface,
+        body=body,
+        requested_model=model.name,
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+async def _govern(gateway: Gateway, ctx: RequestContext) -> Any:
+    """The stages before dispatch; returns the first candidate to try."""
+    guardrails = await run_guardrails(gateway, ctx)
+    budget = await run_budget(gateway, ctx)
+    candidate = gateway.route(ctx.model.name)
+    chosen = await run_policy(gateway, ctx, candidate, guardrails, budget)
+    if chosen is None:  # policy re-routed: the budget's hard limit applies to the new model too
+        if ctx.reserved and gateway.budgets is not None:
+            ctx.reserved = False
+            await gateway.budgets.reconcile(ctx.request_id, 0.0, 0)
+        await run_budget(gateway, ctx)
+        chosen = gateway.route(ctx.model.name)
+    return chosen
+
+
+def served_headers(ctx: RequestContext, served_model: str, provider: str, cost: float) -> dict[str, str]:
+    return {
+        **ctx.headers,
+        "x-sbactor-provider": provider,
+        "x-sbactor-model": served_model,
+        "x-sbactor-attempts": str(max(1, len(ctx.attempts))),
+        "x-sbactor-cost-usd": f"{cost:.8f}",
+        "x-sbactor-overhead-ms": f"{ctx.overhead_ms():.3f}",
+    }
+
+
+async def _refuse(gateway: Gateway, ctx: RequestContext, refused: Refused) -> GatewayError:
+    await finish(
+        gateway, ctx, kind="refusal", status=refused.error.status,
+        refusal={"stage": refused.stage, "reason": refused.error.message, **refused.detail},
+    )
+    return refused.error
+
+
+async def handle_chat(gateway: Gateway, request_id: str, started: float) -> Response:
+    ctx = await _begin(gateway, request_id, started, "chat")
+    gateway.in_flight += 1
+    try:
+        try:
+            first = await _govern(gateway, ctx)
+        except Refused as refused:
+            raise await _refuse(gateway, ctx, refused) from None
+        if ctx.stream:
+            try:
+                opened = await open_stream(gateway, ctx, first)
+            except GatewayError as err:
+                await finish(gateway, ctx, kind="error", status=err.status,
+                             error={"message": err.message, "code": err.code})
+                raise
+            headers = served_headers(ctx, ctx.model.name, opened.candidate.provider, 0.0)
+            del headers["x-sbactor-cost-usd"]
+            response = Response(
+                stream_response(gateway, ctx, opened),
+                status=200,
+                headers={**headers, "cache-control": "no-cache"},
+                content_type="text/event-stream",
+            )
+            response.timeout = None
+            return response
+        return await _respond_json(gateway, ctx, first, _chat_call)
+    except BaseException as exc:
+        if not ctx.finalized:
+            await _finish_abandoned(gateway, ctx, exc)
+        raise
+    finally:
+        gateway.in_flight -= 1
+
+
+async def handle_embeddings(gateway: Gateway, request_id: str, started: float) -> Response:
+    ctx = await _begin(gateway, request_id, started, "embeddings")
+    gateway.in_flight += 1
+    try:
+        try:
+            first = await _govern(gateway, ctx)
+        except Refused as refused:
+            raise await _refuse(gateway, ctx, refused) from None
+        return await _respond_json(gateway, ctx, first, _embeddings_call)
+    except BaseException as exc:
+        if not ctx.finalized:
+            await _finish_abandoned(gateway, ctx, exc)
+        raise
+    finally:
+        gateway.in_flight -= 1
+
+
+async def _finish_abandoned(gateway: Gateway, ctx: RequestContext, exc: BaseException) -> None:
+    """A request that ended without an event (disconnect or a bug) is still recorded."""
+    disconnected = isinstance(exc, trio.Cancelled)
+    status = 499 if disconnected else getattr(exc, "status", 500)
+    message = "client disconnected before an answer was sent" if disconnected else repr(exc)
+    with trio.CancelScope(shield=True):
+        await finish(gateway, ctx, kind="error", status=status, client_disconnected=disconnected,
+                     error={"message": message})
+
+
+async def _chat_call(provider: Provider, body: dict[str, Any]) -> UpstreamResponse:
+    body.pop("stream", None)
+    body.pop("stream_options", None)
+    return await provider.chat(body)
+
+
+async def _embeddings_call(provider: Provider, body: dict[str, Any]) -> UpstreamResponse:
+    return await provider.embeddings(body)
+
+
+async def _respond_json(gateway: Gateway, ctx: RequestContext, first: Any, call: Any) -> Response:
+    try:
+        served: Served = await dispatch(gateway, ctx, call, first)
+    except GatewayError as err:
+        await finish(gateway, ctx, kind="error", status=err.status,
+                     error={"message": err.message, "code": err.code})
+        raise
+    upstream = served.response
+    payload = dict(upstream.json or {})
+    numbers = usage_numbers(payload.get("usage"))
+    estimated = numbers is None
+    if numbers is None:
+        numbers = _estimate_usage(ctx, payload)
+    prompt_tokens, completion_tokens = numbers
+    finish_reason = _finish_reason(payload)
+    cost = cost_of(served.candidate, prompt_tokens, completion_tokens)
+    headers = served_headers(ctx, ctx.model.name, served.candidate.provider, cost)
+    await finish(
+        gateway, ctx, kind="completion", status=upstream.status, candidate=served.candidate,
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        usage_estimated=estimated, finish_reason=finish_reason,
+        provider_refused=served.refused,
+    )
+    if "model" in payload:
+        payload["model"] = ctx.model.name
+    headers["x-sbactor-overhead-ms"] = f"{ctx.overhead_ms():.3f}"
+    return Response(orjson.dumps(payload), status=upstream.status, headers=headers,
+                    content_type="application/json")
+
+
+def _finish_reason(payload: dict[str, Any]) -> str | None:
+    choices = payload.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        reason = choices[0].get("finish_reason")
+        return reason if isinstance(reason, str) else None
+    return None
+
+
+def _estimate_usage(ctx: RequestContext, payload: dict[str, Any]) -> tuple[int, int]:
+    if ctx.surface == "chat":
+        prompt = estimate_tokens(ctx.body["messages"])
+        text = ""
+        for choice in payload.get("choices") or []:
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                text += message["content"]
+        return prompt, math.ceil(len(text) / 4)
+    data = ctx.body.get("input")
+    texts = [data] if isinstance(data, str) else [str(x) for x in data or []]
+    return math.ceil(sum(len(t) for t in texts) / 4), 0

@@ -1,0 +1,119 @@
+"""What one request carries through the pipeline, and parsing the client's body into it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import attrs
+import orjson
+
+from sbactor.auth import Principal
+from sbactor.config import ModelConfig
+from sbactor.errors import GatewayError, bad_request
+from sbactor.resilience.planner import Attempt
+
+
+@attrs.define(eq=False)
+class RequestContext:
+    """Mutable per-request state, owned by the request's task alone."""
+
+    request_id: str
+    started: float
+    principal: Principal
+    surface: str
+    body: dict[str, Any]
+    requested_model: str
+    model: ModelConfig
+    stream: bool = False
+    include_usage: bool = False
+    tags: list[str] = attrs.field(factory=list)
+    sink_tag: str | None = None
+    headers: dict[str, str] = attrs.field(factory=dict)
+    upstream_s: float = 0.0
+    attempts: list[Attempt] = attrs.field(factory=list)
+    provider_refused: bool = False
+    guardrails: dict[str, Any] | None = None
+    budget: dict[str, Any] | None = None
+    policy: dict[str, Any] | None = None
+    reserved: bool = False
+    finalized: bool = False
+
+    def overhead_ms(self) -> float:
+        total = time.perf_counter() - self.started
+        return max(0.0, (total - self.upstream_s) * 1000.0)
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000.0
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise bad_request("request body is empty; expected a JSON object", "invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object", "invalid_json")
+    return body
+
+
+def require_model(body: dict[str, Any], models: dict[str, ModelConfig], surface: str) -> ModelConfig:
+    name = body.get("model")
+    if name is None:
+        raise bad_request("missing required field 'model'", "missing_field", "model")
+    if not isinstance(name, str) or not name:
+        raise bad_request("'model' must be a non-empty string", "invalid_type", "model")
+    model = models.get(name)
+    if model is None:
+        known = ", ".join(sorted(m for m, cfg in models.items() if cfg.surface == surface))
+        raise GatewayError(
+            404, f"model {name!r} does not exist (available: {known or 'none'})",
+            "invalid_request_error", "model_not_found", param="model",
+        )
+    if model.surface != surface:
+        raise bad_request(f"model {name!r} serves {model.surface}, not {surface}",
+                          "wrong_surface", "model")
+    return model
+
+
+def validate_chat(body: dict[str, Any]) -> None:
+    messages = body.get("messages")
+    if messages is None:
+        raise bad_request("missing required field 'messages'", "missing_field", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array", "invalid_type", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad_request(f"messages[{i}] must be an object with a string 'role'",
+                              "invalid_type", f"messages[{i}]")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise bad_request("'stream' must be true or false", "invalid_type", "stream")
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise bad_request("'max_tokens' must be a positive integer", "invalid_type", "max_tokens")
+
+
+def validate_embeddings(body: dict[str, Any]) -> None:
+    data = body.get("input")
+    if data is None:
+        raise bad_request("missing required field 'input'", "missing_field", "input")
+    if not isinstance(data, str | list) or (isinstance(data, list) and not data):
+        raise bad_request("'input' must be a string or a non-empty array", "invalid_type", "input")
+
+
+def message_texts(messages: list[dict[str, Any]]) -> list[str]:
+    """The text the guardrails look at: every string content and text part."""
+    texts: list[str] = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "text":
+                    text = part.get("text")
+                    if isinstance(text, str):
+                        texts.append(text)
+    return texts

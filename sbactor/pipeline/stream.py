@@ -1,0 +1,160 @@
+"""Relaying an upstream stream as SSE, counting usage and ending cleanly whatever happens.
+
+Once the first chunk is sent, a failure can only end the stream: an OpenAI-style error chunk,
+then the end of the response without ``[DONE]`` — never a hang, never a silent ``[DONE]``.
+A client that disconnects cancels this generator; the upstream request is closed and the usage
+event still records what was streamed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import trio
+
+from sbactor.gateway import Gateway
+from sbactor.pipeline.context import RequestContext
+from sbactor.pipeline.dispatch import OpenStream
+from sbactor.pipeline.events import finish, usage_numbers
+from sbactor.providers.base import UpstreamError
+from sbactor.resilience.compress import estimate_tokens
+from sbactor.resilience.failure import Failure, FailureClass, classify_exception
+from sbactor.resilience.report import stream_error_sse
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+class _Tally:
+    """What the stream carried, for the usage event."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.usage: tuple[int, int] | None = None
+        self.finish_reason: str | None = None
+        self.id = ""
+        self.created = int(time.time())
+
+    def see(self, chunk: dict[str, Any]) -> None:
+        self.id = chunk.get("id") or self.id
+        numbers = usage_numbers(chunk.get("usage"))
+        if numbers is not None:
+            self.usage = numbers
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta") or {}
+            content = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(content, str):
+                self.chars += len(content)
+            reason = choice.get("finish_reason")
+            if isinstance(reason, str):
+                self.finish_reason = reason
+
+
+def _for_client(ctx: RequestContext, chunk: dict[str, Any]) -> dict[str, Any] | None:
+    """The chunk as the client should see it: our model name; usage only if it asked."""
+    out = dict(chunk)
+    if "model" in out:
+        out["model"] = ctx.model.name
+    if not ctx.include_usage and "usage" in out:
+        if not out.get("choices"):
+            return None  # the usage-only chunk we asked the upstream for
+        out.pop("usage")
+    return out
+
+
+async def stream_response(
+    gateway: Gateway, ctx: RequestContext, opened: OpenStream
+) -> AsyncIterator[bytes]:
+    tally = _Tally()
+    idle = gateway.config.resilience.stream_idle_timeout_s
+    failure: Failure | None = None
+    completed = False
+    upstream_t0 = time.perf_counter()
+    try:
+        tally.see(opened.first)
+        first = _for_client(ctx, opened.first)
+        if first is not None:
+            yield sse(first)
+        while True:
+            try:
+                with trio.fail_after(idle):
+                    chunk = await anext(opened.chunks, None)
+            except trio.TooSlowError:
+                failure = Failure(FailureClass.TIMEOUT, None, f"no chunk for {idle:.0f}s")
+                break
+            except UpstreamError as exc:
+                failure = classify_exception(exc)
+                break
+            if chunk is None:
+                completed = True
+                break
+            tally.see(chunk)
+            out = _for_client(ctx, chunk)
+            if out is not None:
+                yield sse(out)
+        ctx.upstream_s += time.perf_counter() - upstream_t0
+        await _close(opened)
+        await _finish_stream(gateway, ctx, opened, tally, failure=failure)
+        if failure is not None:
+            yield stream_error_sse(
+                failure, model=ctx.model.name, completion_id=tally.id or ctx.request_id,
+                created=tally.created,
+            )
+        else:
+            yield DONE
+    finally:
+        if not ctx.finalized:  # client went away (or we were cancelled) mid-stream
+            with trio.CancelScope(shield=True):
+                ctx.upstream_s += time.perf_counter() - upstream_t0
+                await _close(opened)
+                await _finish_stream(gateway, ctx, opened, tally, failure=failure,
+                                     disconnected=not completed)
+
+
+async def _close(opened: OpenStream) -> None:
+    with trio.CancelScope(shield=True):
+        await opened.stack.aclose()
+
+
+async def _finish_stream(
+    gateway: Gateway,
+    ctx: RequestContext,
+    opened: OpenStream,
+    tally: _Tally,
+    *,
+    failure: Failure | None,
+    disconnected: bool = False,
+) -> None:
+    if ctx.finalized:
+        return
+    estimated = tally.usage is None
+    if tally.usage is not None:
+        prompt, completion = tally.usage
+    else:
+        prompt = estimate_tokens(ctx.body.get("messages") or [])
+        completion = math.ceil(tally.chars / 4)
+    error = None
+    if failure is not None:
+        error = {"message": failure.message, "class": failure.cls.value, "mid_stream": True}
+    await finish(
+        gateway, ctx,
+        kind="completion" if failure is None and not disconnected else "error",
+        status=200 if failure is None and not disconnected else (499 if disconnected else 502),
+        candidate=opened.candidate,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        usage_estimated=estimated,
+        finish_reason=tally.finish_reason,
+        error=error,
+        provider_refused=ctx.provider_refused or tally.finish_reason == "content_filter",
+        client_disconnected=disconnected,
+    )

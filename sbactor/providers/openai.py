@@ -1,0 +1,82 @@
+"""Any OpenAI-compatible upstream: bodies pass through untouched, SSE chunks parsed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx2
+import orjson
+
+from sbactor.providers._http import HttpShell, resolve_api_key
+from sbactor.providers.base import (
+    ProviderStatistics,
+    UpstreamResponse,
+    UpstreamStream,
+    UpstreamStreamBroken,
+)
+from sbactor.providers.config import OpenAIProviderConfig
+
+
+class OpenAIStream(UpstreamStream):
+    def __init__(self, shell: HttpShell, resp: httpx2.Response,
+                 error: UpstreamResponse | None) -> None:
+        super().__init__(resp.status_code, dict(resp.headers.items()), error)
+        self._shell = shell
+        self._resp = resp
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        if self.error is not None:
+            return
+        async for event in self._shell.iter_sse(self._resp):
+            data = event.data.strip()
+            if data == "[DONE]":
+                return
+            if not data:
+                continue
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                raise UpstreamStreamBroken(
+                    f"provider {self._shell.name!r} ({self._shell.host}): "
+                    f"invalid JSON in stream: {data[:120]!r}") from None
+            if isinstance(chunk, dict):
+                yield chunk
+        raise UpstreamStreamBroken(
+            f"provider {self._shell.name!r} ({self._shell.host}): "
+            "stream ended before [DONE]")
+
+
+class OpenAIProvider:
+    """One shared pooled client; ``Authorization: Bearer`` when a key is configured."""
+
+    def __init__(self, cfg: OpenAIProviderConfig) -> None:
+        self.name = cfg.name
+        self.config = cfg
+        headers = dict(cfg.headers)
+        key = resolve_api_key(cfg.api_key, cfg.api_key_env)
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        self._shell = HttpShell(name=cfg.name, kind="openai", base_url=cfg.base_url,
+                                headers=headers, timeout_s=cfg.timeout_s,
+                                connect_timeout_s=cfg.connect_timeout_s,
+                                max_connections=cfg.max_connections)
+
+    async def chat(self, body: dict[str, Any]) -> UpstreamResponse:
+        return await self._shell.post_json("/chat/completions", body)
+
+    @asynccontextmanager
+    async def open_chat_stream(self, body: dict[str, Any]) -> AsyncIterator[UpstreamStream]:
+        body = {**body, "stream": True}
+        async with self._shell.open_stream("/chat/completions", body) as (resp, error):
+            yield OpenAIStream(self._shell, resp, error)
+
+    async def embeddings(self, body: dict[str, Any]) -> UpstreamResponse:
+        return await self._shell.post_json("/embeddings", body)
+
+    async def aclose(self) -> None:
+        await self._shell.aclose()
+
+    def statistics(self) -> ProviderStatistics:
+        return self._shell.statistics()

@@ -1,0 +1,182 @@
+"""The process: actors and the HTTP server in one root nursery, and a shutdown that loses nothing.
+
+```
+trio.run(main)
+└── outer nursery: actors (started with nursery.start, so "ready" is known)
+    └── inner nursery: signal watcher, hypercorn.trio.serve(shutdown_trigger=…)
+on SIGTERM/SIGINT: stop accepting, drain in-flight requests (bounded grace), then stop the
+actors one by one in reverse start order (the ledger last: it drains, fsyncs, checkpoints).
+A second signal exits at once with status 130.
+```
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from sbactor.app import create_app
+from sbactor.config import Config
+from sbactor.gateway import Gateway
+
+log = logging.getLogger("sbactor.server")
+
+
+class StartupError(Exception):
+    """The gateway cannot start; the message is one line for the operator."""
+
+
+def hypercorn_config(bind: str, config: Config) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.bind = [bind]
+    hc.backlog = config.server.backlog
+    hc.graceful_timeout = config.server.shutdown_grace_s
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("sbactor.hypercorn")
+    hc.keep_alive_timeout = 75
+    hc.max_app_queue_size = 64
+    return hc
+
+
+async def watch_signals(shutdown: trio.Event, gateway: Gateway) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if not shutdown.is_set():
+                log.warning(
+                    "shutdown requested",
+                    extra={"signal": signal.Signals(signum).name, "in_flight": gateway.in_flight},
+                )
+                gateway.draining = True
+                shutdown.set()
+            else:
+                log.error("second signal: exiting without draining")
+                os._exit(130)
+
+
+async def run_gateway(
+    config: Config,
+    data_dir: Path,
+    bind: str,
+    *,
+    announce: Callable[[str], None] | None = None,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[tuple[Gateway, str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until ``shutdown`` is set (or SIGTERM/SIGINT), then drain and stop the actors."""
+    prepare_data_dir(data_dir)
+    hc = hypercorn_config(bind, config)
+    sockets = open_sockets(hc, bind)
+    gateway = Gateway.build(config, data_dir)
+    app = wrap_app(create_app(gateway), None, "asgi")  # type: ignore[arg-type]
+    shutdown = shutdown or trio.Event()
+    http_done = trio.Event()
+
+    async def serve_http(task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            await worker_serve(
+                app, hc, sockets=sockets, shutdown_trigger=shutdown.wait, task_status=task_status
+            )
+        finally:
+            http_done.set()
+
+    try:
+        async with trio.open_nursery() as root:
+            root.start_soon(watch_signals, shutdown, gateway)
+            try:
+                async with trio.open_nursery() as actors:
+                    await gateway.start(actors)
+                    try:
+                        binds = await actors.start(serve_http)
+                        address = binds[0].removeprefix("http://")
+                        gateway.bound = address
+                        gateway.ready = True
+                        if announce is not None:
+                            announce(address)
+                        task_status.started((gateway, address))
+                        await http_done.wait()  # returns after shutdown and the drain
+                    finally:
+                        gateway.draining = True
+                        with trio.move_on_after(60, shield=True):
+                            await gateway.stop()
+            finally:
+                root.cancel_scope.cancel()
+    finally:
+        with trio.move_on_after(5, shield=True):
+            await gateway.aclose()
+
+
+def open_sockets(hc: HypercornConfig, bind: str) -> Sockets:
+    """Bind before anything starts, so a busy port is one clear line, not a traceback."""
+    try:
+        sockets = hc.create_sockets()
+        for sock in sockets.insecure_sockets:
+            sock.listen(hc.backlog)
+    except OSError as exc:
+        raise StartupError(_bind_error(bind, exc)) from None
+    return sockets
+
+
+def _bind_error(bind: str, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot bind {bind}: address already in use"
+    if exc.errno == errno.EACCES:
+        return f"cannot bind {bind}: permission denied"
+    return f"cannot bind {bind}: {exc.strerror or exc}"
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(
+            f"data dir {data_dir} is not usable: {exc.strerror or exc}"
+        ) from None
+
+
+def serve_forever(
+    config: Config, data_dir: Path, bind: str, *, on_ready: Callable[[str], None] | None = None
+) -> int:
+    """Entry point for ``sbactor serve``: returns the process exit code."""
+
+    def announce(address: str) -> None:
+        print(f"sbactor listening on http://{address}", flush=True)
+        if on_ready is not None:
+            on_ready(address)
+
+    try:
+        trio.run(lambda: run_gateway(config, data_dir, bind, announce=announce))
+    except StartupError as exc:
+        print(f"sbactor: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except BaseExceptionGroup as group:
+        startup, rest = group.split(StartupError)
+        if startup is not None:
+            print(f"sbactor: {_first(startup)}", file=sys.stderr, flush=True)
+            return 2
+        if rest is not None:
+            log.critical("gateway failed", exc_info=rest)
+            print(f"sbactor: gateway failed: {_first(rest)}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _first(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

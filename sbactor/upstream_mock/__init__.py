@@ -1,0 +1,1 @@
+"""The mock upstream: scenario rules (pure) and the standalone ``sbactor mock-upstream`` server."""
