@@ -119,7 +119,7 @@ def make_converter() -> cattrs.Converter:
             raise ValueError(f"expected a list of strings, got {_describe(value)}")
         return [conv.structure(v, str) for v in value]
 
-    conv.register_structure_hook(list[str], structure_str_list)
+    conv.register_structure_hook_func(lambda tp: tp == list[str], structure_str_list)
     return conv
 
 

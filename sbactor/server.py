@@ -79,7 +79,7 @@ async def run_gateway(
     sockets = open_sockets(hc, bind)
     gateway = Gateway.build(config, data_dir)
     app = wrap_app(create_app(gateway), None, "asgi")  # type: ignore[arg-type]
-    shutdown = shutdown or trio.Event()
+    shutdown = shutdown if shutdown is not None else trio.Event()
     http_done = trio.Event()
 
     async def serve_http(task_status: trio.TaskStatus[list[str]]) -> None:

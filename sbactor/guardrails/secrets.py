@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from sbactor.guardrails.pii import overlaps
 from sbactor.guardrails.verdict import Span
 
+# Each pattern starts with a literal so ``re`` can jump between candidates; the "not preceded
+# by a word character" checks are lookbehinds placed *after* the prefix for the same reason.
 KNOWN: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "PRIVATE_KEY",
@@ -24,14 +26,17 @@ KNOWN: tuple[tuple[str, re.Pattern[str]], ...] = (
     ),
     (
         "API_KEY",
-        re.compile(r"(?<![\w-])sk-(?:proj-|ant-(?:api\d\d-)?|svcacct-)?[A-Za-z0-9_-]{20,}"),
+        re.compile(r"sk-(?<![\w-]sk-)(?:proj-|ant-(?:api\d\d-)?|svcacct-)?[A-Za-z0-9_-]{20,}"),
     ),
-    ("API_KEY", re.compile(r"(?<![\w-])(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}")),
-    ("API_KEY", re.compile(r"(?<![\w-])AIza[0-9A-Za-z_-]{35}(?![\w-])")),
-    ("AWS_ACCESS_KEY", re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Za-z0-9])")),
-    ("GITHUB_TOKEN", re.compile(r"(?<!\w)gh[pousr]_[A-Za-z0-9]{36,255}(?!\w)")),
-    ("GITHUB_TOKEN", re.compile(r"(?<!\w)github_pat_[A-Za-z0-9_]{22,255}(?!\w)")),
-    ("SLACK_TOKEN", re.compile(r"(?<![\w-])xox[abposr]-[A-Za-z0-9-]{10,250}")),
+    ("API_KEY", re.compile(r"k_(?<=[srp]k_)(?<![\w-][srp]k_)(?:live|test)_[A-Za-z0-9]{16,}")),
+    ("API_KEY", re.compile(r"AIza(?<![\w-]AIza)[0-9A-Za-z_-]{35}(?![\w-])")),
+    (
+        "AWS_ACCESS_KEY",
+        re.compile(r"A[KS]IA(?<![A-Za-z0-9]A[KS]IA)[0-9A-Z]{16}(?![A-Za-z0-9])"),
+    ),
+    ("GITHUB_TOKEN", re.compile(r"gh[pousr]_(?<!\wgh[pousr]_)[A-Za-z0-9]{36,255}(?!\w)")),
+    ("GITHUB_TOKEN", re.compile(r"github_pat_(?<!\wgithub_pat_)[A-Za-z0-9_]{22,255}(?!\w)")),
+    ("SLACK_TOKEN", re.compile(r"xox[abposr]-(?<![\w-]xox[abposr]-)[A-Za-z0-9-]{10,250}")),
 )
 
 TOKEN = re.compile(r"[A-Za-z0-9+/_=-]{16,}")
