@@ -26,7 +26,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(data), status=status, headers=headers, content_type="application/json")
+    return Response(
+        orjson.dumps(data), status=status, headers=headers, content_type="application/json"
+    )
 
 
 def error_response(err: GatewayError) -> Response:
@@ -75,7 +77,8 @@ def create_app(gateway: Gateway) -> QuartTrio:
             message = f"request body is larger than the limit of {limit} bytes"
             return Response(
                 error_body(message, "invalid_request_error", "request_too_large"),
-                status=413, content_type="application/json",
+                status=413,
+                content_type="application/json",
             )
         if status == 404:
             message = f"no such route: {request.method} {request.path}"
@@ -85,16 +88,21 @@ def create_app(gateway: Gateway) -> QuartTrio:
             message = exc.description or exc.name
         return Response(
             error_body(message, "invalid_request_error", exc.name.lower().replace(" ", "_")),
-            status=status, content_type="application/json",
+            status=status,
+            content_type="application/json",
         )
 
     @app.errorhandler(Exception)
     async def _bug(exc: Exception) -> Response:
         log.exception("internal error")
         return Response(
-            error_body("internal gateway error; see the gateway log for this request id",
-                       "internal_error", "internal_error"),
-            status=500, content_type="application/json",
+            error_body(
+                "internal gateway error; see the gateway log for this request id",
+                "internal_error",
+                "internal_error",
+            ),
+            status=500,
+            content_type="application/json",
         )
 
     def require_admin() -> None:
@@ -104,7 +112,9 @@ def create_app(gateway: Gateway) -> QuartTrio:
             request.headers.get("x-admin-key"),
         )
         if not ok:
-            raise GatewayError(401, "admin key required", "authentication_error", "invalid_admin_key")
+            raise GatewayError(
+                401, "admin key required", "authentication_error", "invalid_admin_key"
+            )
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -44,10 +44,7 @@ class KeyStore:
     @classmethod
     def from_config(cls, keys: Iterable[Any], *, required: bool) -> KeyStore:
         return cls(
-            {
-                k.key_sha256: Principal(k.id, k.user, k.team, k.tier, tuple(k.tags))
-                for k in keys
-            },
+            {k.key_sha256: Principal(k.id, k.user, k.team, k.tier, tuple(k.tags)) for k in keys},
             required,
         )
 
@@ -75,7 +72,9 @@ def _presented_key(authorization: str | None, x_api_key: str | None) -> str | No
     return None
 
 
-def admin_key_ok(configured: str | None, authorization: str | None, x_admin_key: str | None) -> bool:
+def admin_key_ok(
+    configured: str | None, authorization: str | None, x_admin_key: str | None
+) -> bool:
     """Constant-time check of the admin key; no key configured means the admin API is open."""
     if not configured:
         return True

@@ -54,8 +54,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     bind = args.bind or config.server.bind
     data_dir = Path(args.data_dir)
     if args.config is None:
-        from sbactor.ledger.config import LedgerSinkConfig
         from nacl.signing import SigningKey
+
+        from sbactor.ledger.config import LedgerSinkConfig
 
         public = "<public key>"
         for sink in config.usage_sinks:
@@ -67,8 +68,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             text = DEMO_BANNER.format(address=address, data_dir=data_dir, public_key=public)
             print(text, file=sys.stderr, flush=True)
 
-        return serve_forever(config, data_dir, bind, on_ready=banner)
-    return serve_forever(config, data_dir, bind)
+        return serve_forever(
+            config, data_dir, bind, on_ready=banner, ledger_recover=args.ledger_recover
+        )
+    return serve_forever(config, data_dir, bind, ledger_recover=args.ledger_recover)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -115,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="YAML config (default: the built-in demo)")
     serve.add_argument("--bind", help="HOST:PORT to listen on (overrides server.bind)")
     serve.add_argument("--data-dir", default="sbactor-data", help="where state lives")
+    serve.add_argument(
+        "--ledger-recover", choices=("refuse", "quarantine"), default="refuse",
+        help="a ledger broken in the middle: refuse to start (default), or move the broken"
+        " part to quarantine-<time>/ and continue from the last good entry",
+    )
     serve.set_defaults(func=cmd_serve)
 
     config = sub.add_parser("config", help="check a config or print its JSON Schema")

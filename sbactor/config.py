@@ -169,7 +169,9 @@ class Config:
 _CONVERTER = make_converter()
 
 
-def parse_config(data: Any, *, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
+def parse_config(
+    data: Any, *, source: str = "<config>", env: Mapping[str, str] | None = None
+) -> Config:
     """Structure already-parsed YAML into a checked ``Config`` (raises ``ConfigError``)."""
     data = env_substituted(data, env)
     config: Config = structure(data, Config, _CONVERTER)

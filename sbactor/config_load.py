@@ -27,11 +27,16 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENV = re.compile(
+    r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}"  # ${NAME} or ${NAME:-default}
+)
 
 
 def substitute_env(node: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
-    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; an unset VAR without default is an error."""
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string.
+
+    An unset VAR without a default is an error: an empty admin key must never happen silently.
+    """
     if isinstance(node, str):
 
         def repl(m: re.Match[str]) -> str:
@@ -120,7 +125,85 @@ def make_converter() -> cattrs.Converter:
         return [conv.structure(v, str) for v in value]
 
     conv.register_structure_hook_func(lambda tp: tp == list[str], structure_str_list)
+
+    def structure_literal(value: Any, tp: Any) -> Any:
+        if value not in get_args(tp):
+            raise ValueError(f"expected {_type_name(tp)}, got {_describe(value)}")
+        return value
+
+    conv.register_structure_hook_func(lambda tp: get_origin(tp) is Literal, structure_literal)
+
+    def is_plain_list(tp: Any) -> bool:
+        return get_origin(tp) is list and tp != list[str]
+
+    def list_hook(tp: Any) -> Callable[[Any, Any], list[Any]]:
+        base = cattrs.cols.list_structure_factory(tp, conv)
+
+        def hook(value: Any, _: Any) -> list[Any]:
+            if not isinstance(value, list):
+                raise ValueError(f"expected a list, got {_describe(value)}")
+            return base(value, tp)
+
+        return hook
+
+    conv.register_structure_hook_factory(is_plain_list, list_hook)
+
+    def attrs_hook(cl: type) -> Callable[[Any, type], Any]:
+        base = cattrs.gen.make_dict_structure_fn(
+            cl, conv, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True
+        )
+
+        def hook(value: Any, _: type) -> Any:
+            if not isinstance(value, dict):
+                raise ValueError(f"expected a mapping, got {_describe(value)}")
+            try:
+                return base(value, cl)
+            except ClassValidationError as exc:
+                # A lone, unlabelled ValueError is an attrs validator raising in __init__:
+                # find which fields failed, so each problem's path names its field.
+                subs = exc.exceptions
+                if len(subs) != 1 or _note_of(subs[0]) is not None:
+                    raise
+                if not isinstance(subs[0], ValueError | TypeError):
+                    raise
+                fields = _failing_fields(cl, lambda: base(value, cl))
+                if not fields:
+                    raise
+                raise FieldErrors(fields) from exc
+
+        return hook
+
+    conv.register_structure_hook_factory(attrs.has, attrs_hook)
     return conv
+
+
+class FieldErrors(ValueError):
+    """Validator failures of one attrs class, each with the field it belongs to."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{name}: {msg}" for name, msg in errors))
+
+
+def _failing_fields(cl: type, build: Callable[[], Any]) -> list[tuple[str, str]]:
+    try:
+        with attrs.validators.disabled():
+            instance = build()
+    except Exception:
+        return []
+    errors = []
+    for field in attrs.fields(cl):
+        if field.validator is None:
+            continue
+        try:
+            field.validator(instance, field, getattr(instance, field.name))
+        except (ValueError, TypeError) as exc:
+            message = str(exc)
+            if message.startswith(f"{field.name}: "):
+                errors.append(("", message))  # already names its field: `path: field: ...`
+            else:
+                errors.append((field.name, message.removeprefix(f"{field.name} ")))
+    return errors
 
 
 def _tag_values(cls: type) -> tuple[str, ...]:
@@ -170,6 +253,11 @@ def _flatten(exc: BaseException, path: str) -> list[str]:
             note = _note_of(sub)
             problems.extend(_flatten(sub, _join_note(path, note)))
         return problems
+    if isinstance(exc, FieldErrors):
+        return [
+            f"{_join(path, name) if name else path or '<root>'}: {message}"
+            for name, message in exc.errors
+        ]
     if isinstance(exc, KeyError):
         return [f"{path}: required key missing"]
     message = str(exc) or type(exc).__name__

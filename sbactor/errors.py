@@ -26,8 +26,12 @@ class GatewayError(Exception):
         return f"{self.status} {self.type}: {self.message}"
 
 
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type_, "code": code, "param": param}})
+def error_body(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "code": code, "param": param}}
+    )
 
 
 def bad_request(message: str, code: str | None = None, param: str | None = None) -> GatewayError:

@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import trio
@@ -32,7 +32,7 @@ from sbactor.policy.engine import CompiledPolicy
 from sbactor.providers.base import Provider, build_provider
 from sbactor.resilience.cooldown import CooldownTracker
 from sbactor.resilience.planner import FallbackTable
-from sbactor.routing.strategies import Candidate, NoCandidates
+from sbactor.routing.strategies import Candidate, NoCandidates, deployment_id
 from sbactor.usage.sinks import UsageSink, make_jsonl_sink
 
 log = logging.getLogger("sbactor.gateway")
@@ -46,7 +46,15 @@ def resolve(data_dir: Path, path: str) -> Path:
 
 def build_candidates(model: ModelConfig) -> list[Candidate]:
     return [
-        Candidate.from_deployment(model.name, i, attrs.evolve(d, model=d.model or model.name))
+        Candidate(
+            deployment_id=deployment_id(model.name, d.provider, i),
+            provider=d.provider,
+            model=d.model or model.name,
+            input_per_mtok=d.price.input_per_mtok,
+            output_per_mtok=d.price.output_per_mtok,
+            weight=d.weight,
+            priority=d.priority,
+        )
         for i, d in enumerate(model.deployments)
     ]
 
@@ -95,7 +103,13 @@ class Gateway:
     started_at: float = attrs.field(factory=time.time)
 
     @classmethod
-    def build(cls, config: Config, data_dir: Path) -> Gateway:
+    def build(
+        cls,
+        config: Config,
+        data_dir: Path,
+        *,
+        ledger_recover: Literal["refuse", "quarantine"] = "refuse",
+    ) -> Gateway:
         metrics = Metrics()
         actors = ActorSystem()
         sinks: list[UsageSink] = []
@@ -104,7 +118,9 @@ class Gateway:
         # The ledger starts first and stops last: everything else may still produce events.
         for sink_cfg in config.usage_sinks:
             if isinstance(sink_cfg, LedgerSinkConfig):
-                ledger = LedgerWriter.from_config(sink_cfg, resolve(data_dir, sink_cfg.path))
+                ledger = LedgerWriter.from_config(
+                    sink_cfg, resolve(data_dir, sink_cfg.path), recover=ledger_recover
+                )
                 actors.add(ledger)
                 sinks.append(ledger)
         for sink_cfg in config.usage_sinks:
@@ -147,9 +163,7 @@ class Gateway:
             )
             actors.add(verdict_cache)
         models = {m.name: m for m in config.models}
-        policy = (
-            CompiledPolicy.compile(config.policy, set(models)) if config.policy else None
-        )
+        policy = CompiledPolicy.compile(config.policy, set(models)) if config.policy else None
         gateway = cls(
             config=config,
             data_dir=data_dir,
@@ -193,7 +207,7 @@ class Gateway:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+    def authenticate(self, headers: Mapping[str, str] | Any) -> Principal:
         principal = self.keys.authenticate(headers.get("authorization"), headers.get("x-api-key"))
         if principal is None:
             raise GatewayError(
@@ -212,13 +226,19 @@ class Gateway:
             reason = sink.admission()
             if reason:
                 return GatewayError(
-                    503, f"usage recording unavailable: {reason}", "service_unavailable",
-                    "ledger_unavailable", headers={"retry-after": "1"},
+                    503,
+                    f"usage recording unavailable: {reason}",
+                    "service_unavailable",
+                    "ledger_unavailable",
+                    headers={"retry-after": "1"},
                 )
         if self.in_flight >= self.config.server.max_in_flight:
             return GatewayError(
-                503, "gateway overloaded: too many requests in flight", "service_unavailable",
-                "overloaded", headers={"retry-after": "1"},
+                503,
+                "gateway overloaded: too many requests in flight",
+                "service_unavailable",
+                "overloaded",
+                headers={"retry-after": "1"},
             )
         return None
 
@@ -234,7 +254,8 @@ class Gateway:
         down, else the strategy's choice among the allowed ones that are not cooling down."""
         now = trio.current_time()
         allowed = [
-            c for c in self.candidates.get(model, [])
+            c
+            for c in self.candidates.get(model, [])
             if c.deployment_id not in exclude and c.provider not in exclude_providers
         ]
         usable = [c for c in allowed if not self.cooldowns.is_cooling(c.deployment_id, now)]

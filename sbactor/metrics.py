@@ -21,7 +21,9 @@ class _ActorCollector(Collector):
         self._source = source
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        depth = GaugeMetricFamily("sbactor_actor_mailbox_depth", "Messages waiting", labels=["actor"])
+        depth = GaugeMetricFamily(
+            "sbactor_actor_mailbox_depth", "Messages waiting", labels=["actor"]
+        )
         peak = GaugeMetricFamily("sbactor_actor_mailbox_peak_depth", "Peak depth", labels=["actor"])
         cap = GaugeMetricFamily("sbactor_actor_mailbox_capacity", "Capacity", labels=["actor"])
         blocked = GaugeMetricFamily(
@@ -32,7 +34,8 @@ class _ActorCollector(Collector):
         )
         errors = GaugeMetricFamily("sbactor_actor_errors_total", "Handler errors", labels=["actor"])
         cache = GaugeMetricFamily(
-            "sbactor_verdict_cache_events_total", "Verdict cache hits/misses/evictions",
+            "sbactor_verdict_cache_events_total",
+            "Verdict cache hits/misses/evictions",
             labels=["event"],
         )
         for s in self._source():
@@ -67,12 +70,17 @@ class Metrics:
             "sbactor_requests_total", "HTTP requests", ["route", "status"], registry=r
         )
         self.latency = Histogram(
-            "sbactor_request_duration_seconds", "HTTP request latency", ["route", "status"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "sbactor_request_duration_seconds",
+            "HTTP request latency",
+            ["route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.upstream_attempts = Counter(
-            "sbactor_upstream_attempts_total", "Upstream attempts by outcome",
-            ["provider", "outcome"], registry=r,
+            "sbactor_upstream_attempts_total",
+            "Upstream attempts by outcome",
+            ["provider", "outcome"],
+            registry=r,
         )
         self.refusals = Counter(
             "sbactor_refusals_total", "Requests refused by the gateway", ["stage"], registry=r

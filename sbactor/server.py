@@ -19,6 +19,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -29,6 +30,7 @@ from hypercorn.utils import wrap_app
 from sbactor.app import create_app
 from sbactor.config import Config
 from sbactor.gateway import Gateway
+from sbactor.ledger.verify import LedgerCorrupt
 
 log = logging.getLogger("sbactor.server")
 
@@ -71,13 +73,14 @@ async def run_gateway(
     *,
     announce: Callable[[str], None] | None = None,
     shutdown: trio.Event | None = None,
+    ledger_recover: Literal["refuse", "quarantine"] = "refuse",
     task_status: trio.TaskStatus[tuple[Gateway, str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until ``shutdown`` is set (or SIGTERM/SIGINT), then drain and stop the actors."""
     prepare_data_dir(data_dir)
     hc = hypercorn_config(bind, config)
     sockets = open_sockets(hc, bind)
-    gateway = Gateway.build(config, data_dir)
+    gateway = Gateway.build(config, data_dir, ledger_recover=ledger_recover)
     app = wrap_app(create_app(gateway), None, "asgi")  # type: ignore[arg-type]
     shutdown = shutdown if shutdown is not None else trio.Event()
     http_done = trio.Event()
@@ -142,13 +145,16 @@ def prepare_data_dir(data_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise StartupError(
-            f"data dir {data_dir} is not usable: {exc.strerror or exc}"
-        ) from None
+        raise StartupError(f"data dir {data_dir} is not usable: {exc.strerror or exc}") from None
 
 
 def serve_forever(
-    config: Config, data_dir: Path, bind: str, *, on_ready: Callable[[str], None] | None = None
+    config: Config,
+    data_dir: Path,
+    bind: str,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+    ledger_recover: Literal["refuse", "quarantine"] = "refuse",
 ) -> int:
     """Entry point for ``sbactor serve``: returns the process exit code."""
 
@@ -158,12 +164,16 @@ def serve_forever(
             on_ready(address)
 
     try:
-        trio.run(lambda: run_gateway(config, data_dir, bind, announce=announce))
-    except StartupError as exc:
+        trio.run(
+            lambda: run_gateway(
+                config, data_dir, bind, announce=announce, ledger_recover=ledger_recover
+            )
+        )
+    except (StartupError, LedgerCorrupt) as exc:
         print(f"sbactor: {exc}", file=sys.stderr, flush=True)
         return 2
     except BaseExceptionGroup as group:
-        startup, rest = group.split(StartupError)
+        startup, rest = group.split((StartupError, LedgerCorrupt))
         if startup is not None:
             print(f"sbactor: {_first(startup)}", file=sys.stderr, flush=True)
             return 2

@@ -138,7 +138,7 @@ class Actor:
             raise ActorClosed(f"actor {self.name} is not accepting messages") from None
         self._note_depth()
 
-    async def call(self, message: Any, *, timeout: float = 5.0) -> Any:
+    async def call(self, message: Any, *, timeout: float = 5.0) -> Any:  # noqa: ASYNC109
         """Send a message and wait for the actor's answer (at most ``timeout`` seconds)."""
         reply_send, reply_receive = trio.open_memory_channel[Any](1)
         try:
@@ -290,4 +290,3 @@ class ActorSystem:
     @property
     def running(self) -> bool:
         return all(a.statistics().running for a in self.actors)
-

@@ -115,7 +115,7 @@ class SecretsDetector(CheapDetector):
 @attrs.frozen
 class InjectionDetector(CheapDetector):
     cfg: PromptInjectionConfig = attrs.field(kw_only=True)
-    patterns: tuple[tuple[re.Pattern[str], float, str], ...] = attrs.field(kw_only=True)
+    patterns: tuple[injection.Compiled, ...] = attrs.field(kw_only=True)
     kind = "prompt_injection"
 
     def check(self, text: str) -> Verdict:

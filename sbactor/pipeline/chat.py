@@ -73,7 +73,9 @@ async def _govern(gateway: Gateway, ctx: RequestContext) -> Any:
     return chosen
 
 
-def served_headers(ctx: RequestContext, served_model: str, provider: str, cost: float) -> dict[str, str]:
+def served_headers(
+    ctx: RequestContext, served_model: str, provider: str, cost: float
+) -> dict[str, str]:
     return {
         **ctx.headers,
         "x-sbactor-provider": provider,
@@ -86,7 +88,10 @@ def served_headers(ctx: RequestContext, served_model: str, provider: str, cost: 
 
 async def _refuse(gateway: Gateway, ctx: RequestContext, refused: Refused) -> GatewayError:
     await finish(
-        gateway, ctx, kind="refusal", status=refused.error.status,
+        gateway,
+        ctx,
+        kind="refusal",
+        status=refused.error.status,
         refusal={"stage": refused.stage, "reason": refused.error.message, **refused.detail},
     )
     return refused.error
@@ -104,8 +109,13 @@ async def handle_chat(gateway: Gateway, request_id: str, started: float) -> Resp
             try:
                 opened = await open_stream(gateway, ctx, first)
             except GatewayError as err:
-                await finish(gateway, ctx, kind="error", status=err.status,
-                             error={"message": err.message, "code": err.code})
+                await finish(
+                    gateway,
+                    ctx,
+                    kind="error",
+                    status=err.status,
+                    error={"message": err.message, "code": err.code},
+                )
                 raise
             headers = served_headers(ctx, ctx.model.name, opened.candidate.provider, 0.0)
             del headers["x-sbactor-cost-usd"]
@@ -149,8 +159,14 @@ async def _finish_abandoned(gateway: Gateway, ctx: RequestContext, exc: BaseExce
     status = 499 if disconnected else getattr(exc, "status", 500)
     message = "client disconnected before an answer was sent" if disconnected else repr(exc)
     with trio.CancelScope(shield=True):
-        await finish(gateway, ctx, kind="error", status=status, client_disconnected=disconnected,
-                     error={"message": message})
+        await finish(
+            gateway,
+            ctx,
+            kind="error",
+            status=status,
+            client_disconnected=disconnected,
+            error={"message": message},
+        )
 
 
 async def _chat_call(provider: Provider, body: dict[str, Any]) -> UpstreamResponse:
@@ -167,8 +183,13 @@ async def _respond_json(gateway: Gateway, ctx: RequestContext, first: Any, call:
     try:
         served: Served = await dispatch(gateway, ctx, call, first)
     except GatewayError as err:
-        await finish(gateway, ctx, kind="error", status=err.status,
-                     error={"message": err.message, "code": err.code})
+        await finish(
+            gateway,
+            ctx,
+            kind="error",
+            status=err.status,
+            error={"message": err.message, "code": err.code},
+        )
         raise
     upstream = served.response
     payload = dict(upstream.json or {})
@@ -181,16 +202,26 @@ async def _respond_json(gateway: Gateway, ctx: RequestContext, first: Any, call:
     cost = cost_of(served.candidate, prompt_tokens, completion_tokens)
     headers = served_headers(ctx, ctx.model.name, served.candidate.provider, cost)
     await finish(
-        gateway, ctx, kind="completion", status=upstream.status, candidate=served.candidate,
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-        usage_estimated=estimated, finish_reason=finish_reason,
+        gateway,
+        ctx,
+        kind="completion",
+        status=upstream.status,
+        candidate=served.candidate,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        usage_estimated=estimated,
+        finish_reason=finish_reason,
         provider_refused=served.refused,
     )
     if "model" in payload:
         payload["model"] = ctx.model.name
     headers["x-sbactor-overhead-ms"] = f"{ctx.overhead_ms():.3f}"
-    return Response(orjson.dumps(payload), status=upstream.status, headers=headers,
-                    content_type="application/json")
+    return Response(
+        orjson.dumps(payload),
+        status=upstream.status,
+        headers=headers,
+        content_type="application/json",
+    )
 
 
 def _finish_reason(payload: dict[str, Any]) -> str | None:

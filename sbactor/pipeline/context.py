@@ -59,7 +59,9 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def require_model(body: dict[str, Any], models: dict[str, ModelConfig], surface: str) -> ModelConfig:
+def require_model(
+    body: dict[str, Any], models: dict[str, ModelConfig], surface: str
+) -> ModelConfig:
     name = body.get("model")
     if name is None:
         raise bad_request("missing required field 'model'", "missing_field", "model")
@@ -69,12 +71,16 @@ def require_model(body: dict[str, Any], models: dict[str, ModelConfig], surface:
     if model is None:
         known = ", ".join(sorted(m for m, cfg in models.items() if cfg.surface == surface))
         raise GatewayError(
-            404, f"model {name!r} does not exist (available: {known or 'none'})",
-            "invalid_request_error", "model_not_found", param="model",
+            404,
+            f"model {name!r} does not exist (available: {known or 'none'})",
+            "invalid_request_error",
+            "model_not_found",
+            param="model",
         )
     if model.surface != surface:
-        raise bad_request(f"model {name!r} serves {model.surface}, not {surface}",
-                          "wrong_surface", "model")
+        raise bad_request(
+            f"model {name!r} serves {model.surface}, not {surface}", "wrong_surface", "model"
+        )
     return model
 
 
@@ -86,8 +92,11 @@ def validate_chat(body: dict[str, Any]) -> None:
         raise bad_request("'messages' must be a non-empty array", "invalid_type", "messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise bad_request(f"messages[{i}] must be an object with a string 'role'",
-                              "invalid_type", f"messages[{i}]")
+            raise bad_request(
+                f"messages[{i}] must be an object with a string 'role'",
+                "invalid_type",
+                f"messages[{i}]",
+            )
     if "stream" in body and not isinstance(body["stream"], bool):
         raise bad_request("'stream' must be true or false", "invalid_type", "stream")
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))

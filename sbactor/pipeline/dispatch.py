@@ -71,7 +71,11 @@ async def _wait(ctx: RequestContext, step: Try) -> None:
 
 
 def _route(gateway: Gateway, step: Try, first: Candidate | None) -> Candidate | None:
-    if first is not None and step.reason == "first" and first.provider not in step.exclude_providers:
+    if (
+        first is not None
+        and step.reason == "first"
+        and first.provider not in step.exclude_providers
+    ):
         return first
     return gateway.route(
         step.model,
@@ -126,17 +130,17 @@ async def dispatch(
     while True:
         step = planner.next_step(trio.current_time())
         if isinstance(step, Done):
-            response, candidate = served[-1]
-            assert response is not None and candidate is not None
+            done_response, done_candidate = served[-1]
+            assert done_response is not None and done_candidate is not None
             _switch_model(gateway, ctx, step.attempt.model)
-            return Served(response, candidate, refused=False)
+            return Served(done_response, done_candidate, refused=False)
         if isinstance(step, GiveUp):
             ctx.tags.extend(t for t in planner.tags if t not in ctx.tags)
             if step.usable_attempt is not None:
-                response, candidate = served[step.usable_attempt]
-                if response is not None and candidate is not None:
+                kept_response, kept_candidate = served[step.usable_attempt]
+                if kept_response is not None and kept_candidate is not None:
                     _switch_model(gateway, ctx, planner.attempts[step.usable_attempt].model)
-                    return Served(response, candidate, refused=True)
+                    return Served(kept_response, kept_candidate, refused=True)
             raise _give_up(ctx, planner, step)
         await _wait(ctx, step)
         candidate = _route(gateway, step, first)
@@ -216,7 +220,9 @@ async def open_stream(gateway: Gateway, ctx: RequestContext, first: Candidate | 
                     chunks = stream.chunks()
                     first_chunk = await anext(chunks, None)
                     if first_chunk is None:
-                        failure = Failure(FailureClass.SERVER_ERROR, None, "upstream stream was empty")
+                        failure = Failure(
+                            FailureClass.SERVER_ERROR, None, "upstream stream was empty"
+                        )
                     else:
                         failure = classify_chunk(first_chunk)
         except trio.TooSlowError:

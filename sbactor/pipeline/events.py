@@ -134,7 +134,7 @@ def _feed_routing(
     provider_refused: bool,
 ) -> None:
     """Every attempt teaches the router: failed attempts count against their deployment."""
-    outcomes = []
+    outcomes: list[Outcome] = []
     for attempt in ctx.attempts[:-1] if candidate is not None else ctx.attempts:
         if attempt.deployment is None:
             continue

@@ -33,8 +33,11 @@ async def handle_feedback(gateway: Gateway, request_id: str) -> Response:
         raise bad_request(str(exc), "invalid_value") from None
     if result.status == "unknown":
         raise GatewayError(
-            404, f"no served request with id {target!r} is known to this gateway",
-            "invalid_request_error", "unknown_request_id", param="request_id",
+            404,
+            f"no served request with id {target!r} is known to this gateway",
+            "invalid_request_error",
+            "unknown_request_id",
+            param="request_id",
         )
     if result.status == "applied":
         event = {

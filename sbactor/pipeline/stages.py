@@ -120,7 +120,10 @@ async def run_budget(gateway: Gateway, ctx: RequestContext) -> dict[str, Any] | 
         raise Refused(
             "budget" if result.kind == "budget" else "rate_limit",
             GatewayError(
-                429, str(body["message"]), str(body["type"]), str(body["code"]),
+                429,
+                str(body["message"]),
+                str(body["type"]),
+                str(body["code"]),
                 headers=result.headers(),
             ),
             {"scope": result.scope, "resets_at": result.resets_at, "kind": result.kind},

@@ -106,7 +106,9 @@ async def stream_response(
         await _finish_stream(gateway, ctx, opened, tally, failure=failure)
         if failure is not None:
             yield stream_error_sse(
-                failure, model=ctx.model.name, completion_id=tally.id or ctx.request_id,
+                failure,
+                model=ctx.model.name,
+                completion_id=tally.id or ctx.request_id,
                 created=tally.created,
             )
         else:
@@ -116,8 +118,9 @@ async def stream_response(
             with trio.CancelScope(shield=True):
                 ctx.upstream_s += time.perf_counter() - upstream_t0
                 await _close(opened)
-                await _finish_stream(gateway, ctx, opened, tally, failure=failure,
-                                     disconnected=not completed)
+                await _finish_stream(
+                    gateway, ctx, opened, tally, failure=failure, disconnected=not completed
+                )
 
 
 async def _close(opened: OpenStream) -> None:
@@ -146,7 +149,8 @@ async def _finish_stream(
     if failure is not None:
         error = {"message": failure.message, "class": failure.cls.value, "mid_stream": True}
     await finish(
-        gateway, ctx,
+        gateway,
+        ctx,
         kind="completion" if failure is None and not disconnected else "error",
         status=200 if failure is None and not disconnected else (499 if disconnected else 502),
         candidate=opened.candidate,

@@ -37,7 +37,7 @@ class JsonlSink(Actor):
 
     async def on_start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "ab")  # noqa: SIM115 - owned for the actor's lifetime
+        self._file = await trio.to_thread.run_sync(open, self.path, "ab")
 
     async def handle_batch(self, messages: Sequence[Any]) -> list[Any]:
         data = b"".join(orjson.dumps(m) + b"\n" for m in messages)

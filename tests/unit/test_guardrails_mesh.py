@@ -275,3 +275,12 @@ async def test_a_stopped_cache_is_a_miss_not_an_error() -> None:
     g = compiled(MeshConfig(), PiiConfig())
     result = await evaluate(["a@b.io"], g, cache=cache, http=None)
     assert result.action == "redact" and not result.cached
+
+
+async def test_http_detector_without_a_shared_client_reports_unreachable() -> None:
+    cfg = HttpDetectorConfig(url="http://127.0.0.1:9/moderate", timeout_ms=2000)
+    g = compiled(MeshConfig(block_threshold=1, latency_budget_ms=2000), cfg)
+    result = await evaluate(["hi"], g, cache=None, http=None)
+    verdict = result.verdicts[0]
+    assert verdict.status == "error" and "unreachable" in (verdict.error or "")
+    assert result.action == "pass"  # fail_open
