@@ -2,8 +2,9 @@
 
 Each attempt is classified (``resilience.failure``), fed to the planner (retry, typed fallback,
 compression, give up), to the cooldown tracker, and kept for the usage event. Streams may fail
-over only until their first chunk is in hand: ``open_stream`` returns with that chunk, after
-which the response has started and a failure can only end the stream.
+over only until their first content is in hand (``resilience.StreamGuard`` holds back the empty
+opening chunks): ``open_stream`` returns with it, after which the response has started and a
+failure can only end the stream.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from sbactor.providers.base import Provider, UpstreamError, UpstreamResponse, Up
 from sbactor.resilience.failure import (
     Failure,
     FailureClass,
-    classify_chunk,
     classify_exception,
     classify_response,
 )
 from sbactor.resilience.planner import AttemptPlanner, Done, GiveUp, Try
 from sbactor.resilience.report import give_up_error
+from sbactor.resilience.stream import StreamGuard
 from sbactor.routing.strategies import Candidate
 
 Call = Callable[[Provider, dict[str, Any]], Awaitable[UpstreamResponse]]
@@ -43,10 +44,13 @@ class Served:
 
 @attrs.define(eq=False)
 class OpenStream:
+    """An upstream stream that has produced its first content: ``first`` goes to the client."""
+
     stack: contextlib.AsyncExitStack
     chunks: AsyncIterator[dict[str, Any]]
-    first: dict[str, Any]
+    first: list[dict[str, Any]]
     candidate: Candidate
+    ended: bool = False  # the upstream already finished while we read ``first``
 
 
 def make_planner(gateway: Gateway, ctx: RequestContext) -> AttemptPlanner:
@@ -107,7 +111,8 @@ def _record(
         gateway.cooldowns.record_success(candidate.deployment_id, now)
         outcome = "ok"
     else:
-        gateway.cooldowns.record_failure(candidate.deployment_id, failure.cls, now)
+        gateway.cooldowns.record_failure(candidate.deployment_id, failure.cls, now,
+                                         failure.retry_after_s)
         outcome = failure.cls.value
     gateway.metrics.upstream_attempts.labels(candidate.provider, outcome).inc()
     ctx.attempts = list(planner.attempts)
@@ -132,6 +137,7 @@ async def dispatch(
         if isinstance(step, Done):
             done_response, done_candidate = served[-1]
             assert done_response is not None and done_candidate is not None
+            ctx.tags.extend(t for t in planner.tags if t not in ctx.tags)
             _switch_model(gateway, ctx, step.attempt.model)
             return Served(done_response, done_candidate, refused=False)
         if isinstance(step, GiveUp):
@@ -171,8 +177,72 @@ async def dispatch(
             ctx.body = {**ctx.body, "messages": [dict(m) for m in step.messages]}
 
 
-async def open_stream(gateway: Gateway, ctx: RequestContext, first: Candidate | None) -> OpenStream:
-    """Open an upstream stream and read its first chunk, failing over until that succeeds."""
+@attrs.define(eq=False)
+class _StreamAttempt:
+    """One upstream stream read up to its first byte of answer (or its failure)."""
+
+    stack: contextlib.AsyncExitStack
+    chunks: AsyncIterator[dict[str, Any]] | None = None
+    seen: list[dict[str, Any]] = attrs.field(factory=list)  # everything read so far
+    released: list[dict[str, Any]] = attrs.field(factory=list)  # what the client may get
+    ended: bool = False
+    failure: Failure | None = None
+
+    def opened(self, candidate: Candidate, chunks: list[dict[str, Any]]) -> OpenStream:
+        assert self.chunks is not None
+        return OpenStream(self.stack, self.chunks, chunks, candidate, self.ended)
+
+
+async def _attempt_stream(
+    provider: Provider, body: dict[str, Any], timeout_s: float, idle_s: float
+) -> _StreamAttempt:
+    """Open the stream and read until the guard commits: role-only chunks are held back, so a
+    cut, error or content filter before any content can still fail over."""
+    attempt = _StreamAttempt(contextlib.AsyncExitStack())
+    guard = StreamGuard()
+    try:
+        with trio.fail_after(timeout_s):
+            with trio.fail_after(idle_s):
+                stream: UpstreamStream = await attempt.stack.enter_async_context(
+                    provider.open_chat_stream(body)
+                )
+            if stream.error is not None:
+                err = stream.error
+                payload = err.json if err.json is not None else err.body
+                attempt.failure = classify_response(err.status, err.headers, payload) or Failure(
+                    FailureClass.UNKNOWN, err.status, "stream failed"
+                )
+                return attempt
+            attempt.chunks = stream.chunks()
+            while not attempt.released:
+                with trio.fail_after(idle_s):
+                    chunk = await anext(attempt.chunks, None)
+                if chunk is None:
+                    attempt.ended = True
+                    attempt.released = [dict(c) for c in guard.finish()]
+                    if not attempt.released:
+                        attempt.failure = Failure(
+                            FailureClass.SERVER_ERROR, None, "upstream stream was empty"
+                        )
+                    break
+                attempt.seen.append(chunk)
+                released, attempt.failure = guard.feed(chunk)
+                attempt.released = [dict(c) for c in released]
+                if attempt.failure is not None:
+                    break
+    except trio.TooSlowError:
+        attempt.failure = Failure(
+            FailureClass.TIMEOUT, None, f"no answer from the stream within {idle_s:.1f}s"
+        )
+    except UpstreamError as exc:
+        attempt.failure = classify_exception(exc)
+    return attempt
+
+
+async def open_stream(
+    gateway: Gateway, ctx: RequestContext, first: Candidate | None
+) -> OpenStream:
+    """Open an upstream stream up to its first content, failing over until that succeeds."""
     planner = make_planner(gateway, ctx)
     idle = gateway.config.resilience.stream_idle_timeout_s
     refusal: tuple[int, OpenStream] | None = None  # a 2xx content-filtered stream, kept open
@@ -199,54 +269,25 @@ async def open_stream(gateway: Gateway, ctx: RequestContext, first: Candidate | 
         body = _request_body(ctx, step, candidate)
         body["stream"] = True
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        provider = gateway.providers[candidate.provider]
-        stack = contextlib.AsyncExitStack()
         t0 = time.perf_counter()
-        failure: Failure | None = None
-        chunks: AsyncIterator[dict[str, Any]] | None = None
-        first_chunk: dict[str, Any] | None = None
-        try:
-            with trio.fail_after(min(step.timeout_s, idle)):
-                stream: UpstreamStream = await stack.enter_async_context(
-                    provider.open_chat_stream(body)
-                )
-                if stream.error is not None:
-                    err = stream.error
-                    payload = err.json if err.json is not None else err.body
-                    failure = classify_response(err.status, err.headers, payload)
-                    if failure is None:
-                        failure = Failure(FailureClass.UNKNOWN, err.status, "stream failed")
-                else:
-                    chunks = stream.chunks()
-                    first_chunk = await anext(chunks, None)
-                    if first_chunk is None:
-                        failure = Failure(
-                            FailureClass.SERVER_ERROR, None, "upstream stream was empty"
-                        )
-                    else:
-                        failure = classify_chunk(first_chunk)
-        except trio.TooSlowError:
-            failure = Failure(FailureClass.TIMEOUT, None, f"no first chunk within {idle:.1f}s")
-        except UpstreamError as exc:
-            failure = classify_exception(exc)
+        attempt = await _attempt_stream(
+            gateway.providers[candidate.provider], body, step.timeout_s, idle
+        )
         ctx.upstream_s += time.perf_counter() - t0
+        failure = attempt.failure
         _record(gateway, ctx, planner, step, candidate, failure)
-        if failure is None and chunks is not None and first_chunk is not None:
+        if failure is None:
             _switch_model(gateway, ctx, step.model)
             if step.messages is not None:
                 ctx.body = {**ctx.body, "messages": [dict(m) for m in step.messages]}
             ctx.tags.extend(t for t in planner.tags if t not in ctx.tags)
-            return OpenStream(stack, chunks, first_chunk, candidate)
-        if (
-            failure is not None
-            and failure.cls is FailureClass.CONTENT_POLICY
-            and chunks is not None
-            and first_chunk is not None
-        ):
+            return attempt.opened(candidate, attempt.released)
+        if failure.cls is FailureClass.CONTENT_POLICY and attempt.chunks is not None:
+            # the provider's own refusal: served as is if no content-policy fallback is left
             _switch_model(gateway, ctx, step.model)
-            refusal = (len(planner.attempts) - 1, OpenStream(stack, chunks, first_chunk, candidate))
+            refusal = (len(planner.attempts) - 1, attempt.opened(candidate, attempt.seen))
             continue
-        await _close(stack)
+        await _close(attempt.stack)
 
 
 async def _close(stack: contextlib.AsyncExitStack) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from sbactor.errors import GatewayError
 from sbactor.gateway import Gateway
 from sbactor.pipeline.context import RequestContext
 from sbactor.resilience.failure import FailureClass
@@ -119,11 +120,20 @@ async def _deliver(
     if event.kind == "refusal" and event.refusal:
         metrics.refusals.labels(str(event.refusal.get("stage"))).inc()
     data = event.to_dict()
+    not_durable: str | None = None
     for sink in gateway.sinks:
         try:
             await sink.record(data)
-        except Exception:
+        except Exception as exc:
             log.exception("usage sink failed", extra={"sink": getattr(sink, "name", "?")})
+            if getattr(sink, "durability", None) == "strict":
+                not_durable = str(exc)
+    if not_durable is not None and not event.client_disconnected:
+        # durability: strict promises the last byte only once the entry is on disk.
+        raise GatewayError(
+            503, f"usage recording failed: {not_durable}", "service_unavailable",
+            "ledger_unavailable", headers={"retry-after": "1"},
+        )
 
 
 def _feed_routing(

@@ -80,25 +80,27 @@ async def stream_response(
     completed = False
     upstream_t0 = time.perf_counter()
     try:
-        tally.see(opened.first)
-        first = _for_client(ctx, opened.first)
-        if first is not None:
-            yield sse(first)
-        while True:
+        for chunk in opened.first:
+            tally.see(chunk)
+            out = _for_client(ctx, chunk)
+            if out is not None:
+                yield sse(out)
+        completed = opened.ended
+        while not completed:
             try:
                 with trio.fail_after(idle):
-                    chunk = await anext(opened.chunks, None)
+                    next_chunk = await _next(opened.chunks)
             except trio.TooSlowError:
                 failure = Failure(FailureClass.TIMEOUT, None, f"no chunk for {idle:.0f}s")
                 break
             except UpstreamError as exc:
                 failure = classify_exception(exc)
                 break
-            if chunk is None:
+            if next_chunk is None:
                 completed = True
                 break
-            tally.see(chunk)
-            out = _for_client(ctx, chunk)
+            tally.see(next_chunk)
+            out = _for_client(ctx, next_chunk)
             if out is not None:
                 yield sse(out)
         ctx.upstream_s += time.perf_counter() - upstream_t0
@@ -121,6 +123,13 @@ async def stream_response(
                 await _finish_stream(
                     gateway, ctx, opened, tally, failure=failure, disconnected=not completed
                 )
+
+
+async def _next(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
+    try:
+        return await anext(chunks)
+    except StopAsyncIteration:
+        return None
 
 
 async def _close(opened: OpenStream) -> None:

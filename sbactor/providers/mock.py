@@ -38,7 +38,7 @@ class MockStream(UpstreamStream):
             if d.cut_after is not None and i >= d.cut_after:
                 raise UpstreamStreamBroken(
                     f"provider {self._provider.name!r} (mock): stream cut after {i} chunks")
-            if i == 1 and d.stall_s:
+            if i == 2 and d.stall_s:  # after the role chunk and the first content
                 await trio.sleep(d.stall_s)
             elif i > 0 and d.seconds_per_chunk:
                 await trio.sleep(d.seconds_per_chunk)

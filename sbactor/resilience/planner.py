@@ -172,6 +172,7 @@ class AttemptPlanner:
     _compressed: tuple[Mapping[str, Any], ...] | None = attrs.field(default=None, init=False)
     _dropped: int = attrs.field(default=0, init=False)
     _usable: int | None = attrs.field(default=None, init=False)
+    _last_upstream: Failure | None = attrs.field(default=None, init=False)  # from a real call
 
     @property
     def deadline(self) -> float:
@@ -232,6 +233,8 @@ class AttemptPlanner:
         )
         self._attempts.append(attempt)
         self._last_failure = failure
+        if failure is not None and deployment is not None:
+            self._last_upstream = failure
         if failure is not None:
             if failure.cls is FailureClass.CONTENT_POLICY and failure.status is not None and (
                 200 <= failure.status < 300
@@ -300,6 +303,10 @@ class AttemptPlanner:
                 return self._schedule(step)
             return self._give_up(failure, "context window exceeded and the conversation cannot "
                                           "be compressed to fit")
+        if failure.code == "no_deployment" and last.deployment is None:
+            # a fallback had nowhere to go: report the upstream failure that led here, if any
+            why = f"{failure.message}; no fallback left for model {model!r}"
+            return self._give_up(self._last_upstream or failure, why)
         return self._give_up(failure, self._why_no_more(model, cls))
 
     def _retry(self, last: Attempt, failure: Failure, now: float) -> Try | None:

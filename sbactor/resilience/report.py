@@ -62,7 +62,7 @@ def give_up_error(give_up: GiveUp, attempts: Sequence[Attempt]) -> ClientError:
         status = 422
     where = ""
     if attempts:
-        last = attempts[-1]
+        last = next((a for a in reversed(attempts) if a.deployment), attempts[-1])
         where = f" from model {last.model!r}" + (f" via {last.deployment}" if last.deployment
                                                  else "")
     n = len(attempts)

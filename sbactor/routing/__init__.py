@@ -10,6 +10,7 @@ from sbactor.routing.stats import (
     apply_feedback,
     decay,
     score,
+    score_at,
     update_stats,
 )
 from sbactor.routing.strategies import (
@@ -45,5 +46,6 @@ __all__ = [
     "in_warmup",
     "outcome_scores",
     "score",
+    "score_at",
     "update_stats",
 ]

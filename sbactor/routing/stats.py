@@ -69,26 +69,24 @@ class DeploymentStats:
 EMPTY_STATS = DeploymentStats()
 
 
-def _ewma(old: float, new: float, alpha: float) -> float:
-    return (1.0 - alpha) * old + alpha * new
-
-
 def update_stats(
     stats: DeploymentStats, outcome: Outcome, alpha: float, now: float
 ) -> DeploymentStats:
     """Fold one outcome in. Cost and latency start at the first observation; rates at the prior."""
     cost = max(0.0, outcome.cost_usd)
     latency = max(0.0, outcome.latency_s)
-    return attrs.evolve(
-        stats,
+    keep = 1.0 - alpha
+    # the constructor, not attrs.evolve: this runs once per request and evolve is ~4x slower
+    return DeploymentStats(
         samples=stats.samples + 1,
         successes=stats.successes + (1 if outcome.success else 0),
         refusals=stats.refusals + (1 if outcome.refused else 0),
-        ewma_cost=cost if stats.ewma_cost is None else _ewma(stats.ewma_cost, cost, alpha),
-        ewma_success=_ewma(stats.ewma_success, 1.0 if outcome.success else 0.0, alpha),
-        ewma_refusal=_ewma(stats.ewma_refusal, 1.0 if outcome.refused else 0.0, alpha),
+        feedback=stats.feedback,
+        ewma_cost=cost if stats.ewma_cost is None else keep * stats.ewma_cost + alpha * cost,
+        ewma_success=keep * stats.ewma_success + (alpha if outcome.success else 0.0),
+        ewma_refusal=keep * stats.ewma_refusal + (alpha if outcome.refused else 0.0),
         ewma_latency=(
-            latency if stats.ewma_latency is None else _ewma(stats.ewma_latency, latency, alpha)
+            latency if stats.ewma_latency is None else keep * stats.ewma_latency + alpha * latency
         ),
         last_update=now,
     )
@@ -103,9 +101,16 @@ def apply_feedback(
     return attrs.evolve(
         stats,
         feedback=stats.feedback + 1,
-        ewma_success=_ewma(stats.ewma_success, value, alpha),
+        ewma_success=(1.0 - alpha) * stats.ewma_success + alpha * value,
         last_update=now,
     )
+
+
+def _keep(stats: DeploymentStats, now: float | None, decay_s: float) -> float:
+    """The fraction of the deviation from the prior that survives the idle time."""
+    if now is None or stats.last_update is None or now <= stats.last_update:
+        return 1.0
+    return math.exp(-(now - stats.last_update) / decay_s)
 
 
 def decay(stats: DeploymentStats, now: float | None, decay_s: float) -> DeploymentStats:
@@ -114,13 +119,18 @@ def decay(stats: DeploymentStats, now: float | None, decay_s: float) -> Deployme
     The result carries ``last_update=now``; because exponential decay is memoryless, decaying in
     several steps equals decaying once. Counters, cost and latency are kept.
     """
-    if now is None or stats.last_update is None or now <= stats.last_update:
+    keep = _keep(stats, now, decay_s)
+    if keep == 1.0:
         return stats
-    keep = math.exp(-(now - stats.last_update) / decay_s)
-    return attrs.evolve(
-        stats,
+    return DeploymentStats(
+        samples=stats.samples,
+        successes=stats.successes,
+        refusals=stats.refusals,
+        feedback=stats.feedback,
+        ewma_cost=stats.ewma_cost,
         ewma_success=PRIOR_SUCCESS + (stats.ewma_success - PRIOR_SUCCESS) * keep,
         ewma_refusal=PRIOR_REFUSAL + (stats.ewma_refusal - PRIOR_REFUSAL) * keep,
+        ewma_latency=stats.ewma_latency,
         last_update=now,
     )
 
@@ -131,12 +141,22 @@ def score(stats: DeploymentStats, latency_weight: float = 0.0) -> float:
     No samples yet → 0.0 (optimistic, so an unknown deployment gets tried); tried but never
     succeeded → ``inf``.
     """
+    return score_at(stats, None, 1.0, latency_weight)
+
+
+def score_at(
+    stats: DeploymentStats, now: float | None, decay_s: float, latency_weight: float = 0.0
+) -> float:
+    """``score(decay(stats, now, decay_s))`` without building the decayed copy (hot path)."""
     if stats.samples == 0:
         return 0.0
-    if stats.never_succeeded or stats.ewma_success <= 0.0:
+    keep = _keep(stats, now, decay_s)
+    success = PRIOR_SUCCESS + (stats.ewma_success - PRIOR_SUCCESS) * keep
+    if stats.successes == 0 or success <= 0.0:
         return math.inf
-    cost = max(COST_FLOOR_USD, stats.ewma_cost or 0.0)
-    value = cost / stats.ewma_success * (1.0 + stats.ewma_refusal)
+    refusal = PRIOR_REFUSAL + (stats.ewma_refusal - PRIOR_REFUSAL) * keep
+    cost = stats.ewma_cost or 0.0
+    value = (cost if cost > COST_FLOOR_USD else COST_FLOOR_USD) / success * (1.0 + refusal)
     if latency_weight > 0.0 and stats.ewma_latency is not None:
         value *= 1.0 + latency_weight * stats.ewma_latency
     return value

@@ -15,7 +15,7 @@ from typing import Literal, Protocol, get_args
 import attrs
 
 from sbactor.routing.config import RoutingSettings
-from sbactor.routing.stats import EMPTY_STATS, DeploymentStats, decay, score
+from sbactor.routing.stats import EMPTY_STATS, DeploymentStats, score_at
 
 Strategy = Literal[
     "round_robin", "weighted", "lowest_latency", "cheapest", "fallback_chain", "outcome_aware"
@@ -147,11 +147,8 @@ def outcome_scores(
     now: float | None = None,
 ) -> list[float]:
     """Each candidate's score after decaying its statistics to ``now``."""
-    return [
-        score(decay(stats.get(c.deployment_id, EMPTY_STATS), now, settings.decay_s),
-              settings.latency_weight)
-        for c in candidates
-    ]
+    get, decay_s, weight = stats.get, settings.decay_s, settings.latency_weight
+    return [score_at(get(c.deployment_id, EMPTY_STATS), now, decay_s, weight) for c in candidates]
 
 
 def in_warmup(
@@ -159,9 +156,11 @@ def in_warmup(
     stats: Mapping[str, DeploymentStats],
     settings: RoutingSettings,
 ) -> bool:
-    return any(
-        stats.get(c.deployment_id, EMPTY_STATS).samples < settings.min_samples for c in candidates
-    )
+    need = settings.min_samples
+    if need <= 0:
+        return False
+    get = stats.get
+    return any(get(c.deployment_id, EMPTY_STATS).samples < need for c in candidates)
 
 
 def _outcome_aware(
@@ -173,7 +172,7 @@ def _outcome_aware(
     now: float | None,
 ) -> Candidate:
     """Warm-up round-robin; then the best score (near-ties rotate) with ``explore_rate`` of
-    traffic spread uniformly over the rest, so a demoted deployment keeps being measured."""
+    traffic spread over the rest, so a demoted deployment keeps being measured."""
     if in_warmup(candidates, stats, settings):
         return candidates[counter % len(candidates)]
     scores = outcome_scores(candidates, stats, settings, now)
@@ -182,10 +181,29 @@ def _outcome_aware(
         return candidates[counter % len(candidates)]
     limit = best * (1.0 + settings.tie_tolerance)
     near = [c for c, s in zip(candidates, scores, strict=True) if s <= limit]
-    others = [c for c, s in zip(candidates, scores, strict=True) if s > limit]
-    if others and settings.explore_rate > 0.0 and rng.random() < settings.explore_rate:
-        return rng.choice(others)
+    if len(near) < len(candidates) and settings.explore_rate > 0.0:
+        if rng.random() < settings.explore_rate:
+            return _explore(candidates, scores, best, limit, rng)
     return near[counter % len(near)]
+
+
+def _explore(
+    candidates: Sequence[Candidate],
+    scores: Sequence[float],
+    best: float,
+    limit: float,
+    rng: random.Random,
+) -> Candidate:
+    """Pick one of the non-best deployments, weighted by ``best / score``: a near-competitive
+    deployment is re-measured more often than one that costs 20x more. Never-succeeded ones
+    (score inf) get the smallest finite weight, so they are still probed."""
+    others = [(c, s) for c, s in zip(candidates, scores, strict=True) if s > limit]
+    finite = [best / s for _, s in others if not math.isinf(s)]
+    floor = min(finite) if finite else 1.0
+    weights = [floor if math.isinf(s) else best / s for _, s in others]
+    if sum(weights) <= 0.0:  # best == 0 (zero costs everywhere): uniform
+        return rng.choice(others)[0]
+    return rng.choices(others, weights=weights, k=1)[0][0]
 
 
 @attrs.define(eq=False)

@@ -198,7 +198,7 @@ class ScenarioEngine:
         prompt = last_user_text(body)
         markers = parse_markers(prompt)
         active = markers.only_model is None or markers.only_model == model
-        m = markers if active else Markers()
+        m = markers if active and self._take(markers) else Markers()
         text = reply_text(prompt, model, _max_words(body, m), s.reply)
         latency_s = (m.latency_ms if m.latency_ms is not None else s.latency_ms) / 1000.0
         base = Decision(latency_s=latency_s, model=model, prompt_tokens=prompt_tokens(body),
@@ -238,14 +238,18 @@ class ScenarioEngine:
             wanted = (m.status, _kind_for_status(m.status))
         elif m.retry_after is not None:
             wanted = (429, "rate_limit")
-        if wanted is None or m.times is None:
-            return wanted
+        return wanted
+
+    def _take(self, m: Markers) -> bool:
+        """``times=N``: the markers apply to the first N requests carrying them, then not."""
+        if m.times is None:
+            return True
         key = m.id or m.source
         seen = self._seen.get(key, 0)
         self._seen[key] = seen + 1
         if len(self._seen) > 100_000:  # bounded memory for long benchmark runs
             self._seen.clear()
-        return wanted if seen < m.times else None
+        return seen < m.times
 
 
 def _kind_for_status(status: int) -> str:

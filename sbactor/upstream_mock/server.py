@@ -149,7 +149,7 @@ async def _stream(send: Send, d: sc.Decision, frames: Iterable[bytes], tail: byt
     for i, frame in enumerate(frames):
         if d.cut_after is not None and i >= d.cut_after:
             return  # returning mid-body: hypercorn closes the connection, no final chunk
-        if i == 1 and d.stall_s:
+        if i == 2 and d.stall_s:  # after the role chunk and the first content
             await trio.sleep(d.stall_s)
         elif i > 0 and d.seconds_per_chunk:
             await trio.sleep(d.seconds_per_chunk)

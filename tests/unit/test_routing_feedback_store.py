@@ -97,8 +97,8 @@ async def test_routing_view_shows_learning(store: FeedbackStore) -> None:
     row = view["models"][0]
     assert row["warmup"] and row["strategy"] == "outcome_aware"
     assert [d["score"] for d in row["deployments"]] == [None, None]
+    assert [store.route("m", "outcome_aware", [GOOD, BAD]) for _ in range(6)] == [GOOD, BAD] * 3
     for i in range(6):
-        store.route("m", "outcome_aware", [GOOD, BAD])
         await store.record_outcome(ok(f"g{i}"))
         await store.record_outcome(Outcome(f"b{i}", BAD.deployment_id, "m", success=False,
                                            refused=True, cost_usd=0.0))
@@ -116,7 +116,9 @@ async def test_route_raises_without_candidates(store: FeedbackStore) -> None:
         store.route("m", "outcome_aware", [])
 
 
-async def test_closed_loop_converges_and_recovers(store: FeedbackStore) -> None:
+async def test_closed_loop_converges_and_recovers(
+    store: FeedbackStore, autojump_clock: trio.testing.MockClock
+) -> None:
     """Through the actor on trio's (autojumping) clock: one request per second."""
     rng = random.Random(4)
     cands = [GOOD, BAD]
