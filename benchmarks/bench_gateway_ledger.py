@@ -11,7 +11,8 @@ Variants:
   strict  signed ledger, durability strict, fsync batch (each response waits for its fsync)
 
 At the end every ledger is verified with its public key. Bounded: rounds x variants x
-(duration + warm-up), about 35 s with the defaults.
+(duration + warm-up), about 35 s with the defaults. Besides req/s (sensitive to whatever else
+runs on the machine) it reports the gateway process's CPU time per request (/proc), which is not.
 
     /work/venv/bin/python benchmarks/bench_gateway_ledger.py [--duration 3] [--rounds 3]
                          [--concurrency 16] [--variants off,batch,strict]
@@ -106,6 +107,12 @@ async def load(url: str, duration: float, concurrency: int) -> tuple[int, int, l
     return counts["ok"], counts["err"], latencies
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Linux /proc): robust to other load on a shared machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -121,6 +128,8 @@ async def main(args: argparse.Namespace) -> None:
     rates: dict[str, list[float]] = {v: [] for v in variants}
     lat: dict[str, list[float]] = {v: [] for v in variants}
     errors: dict[str, int] = dict.fromkeys(variants, 0)
+    cpu: dict[str, float] = dict.fromkeys(variants, 0.0)
+    served: dict[str, int] = dict.fromkeys(variants, 0)
     with tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp:
         workdir = Path(tmp)
         gateways = {v: await start_gateway(workdir, v) for v in variants}
@@ -130,10 +139,13 @@ async def main(args: argparse.Namespace) -> None:
             for round_no in range(args.rounds):
                 order = variants if round_no % 2 == 0 else list(reversed(variants))
                 for variant in order:
-                    address = gateways[variant][1]
+                    process, address = gateways[variant]
+                    cpu0 = cpu_seconds(process.pid)
                     ok, err, latencies = await load(
                         f"http://{address}", args.duration, args.concurrency
                     )
+                    cpu[variant] += cpu_seconds(process.pid) - cpu0
+                    served[variant] += ok
                     rates[variant].append(ok / args.duration)
                     lat[variant].extend(latencies)
                     errors[variant] += err
@@ -161,14 +173,15 @@ async def main(args: argparse.Namespace) -> None:
     print(f"\nconcurrency {args.concurrency}, {args.rounds} rounds x {args.duration:g} s per "
           f"cell, interleaved; mock provider in-process (0 ms)\n")
     print("| ledger | median req/s | min-max req/s | vs " + variants[0]
-          + " | p50 ms | p99 ms | errors | verify |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+          + " | p50 ms | p99 ms | gateway CPU ms/req | errors | verify |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for variant in variants:
         r = rates[variant]
         median = statistics.median(r)
         print(f"| {variant} | {median:.0f} | {min(r):.0f}-{max(r):.0f} | "
               f"{100 * median / base:.0f} % | {1000 * pct(lat[variant], 0.5):.1f} | "
-              f"{1000 * pct(lat[variant], 0.99):.1f} | {errors[variant]} | "
+              f"{1000 * pct(lat[variant], 0.99):.1f} | "
+              f"{1000 * cpu[variant] / max(1, served[variant]):.2f} | {errors[variant]} | "
               f"{checks.get(variant, '-')} |")
 
 

@@ -9,6 +9,7 @@ Bounded: a few thousand evaluations, a few seconds. Progress on stderr, the tabl
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -122,8 +123,8 @@ async def main(n: int) -> None:
     text = scan_text([dirty])
     for detector in g.detectors:
         assert isinstance(detector, CheapDetector)
-        d = detector
-        rows.append(row(f"  detector {d.name}", time_sync(d.name, n, lambda d=d: d.check(text))))
+        check = functools.partial(detector.check, text)
+        rows.append(row(f"  detector {detector.name}", time_sync(detector.name, n, check)))
     messages = [{"role": "user", "content": dirty}]
     rows.append(
         row(

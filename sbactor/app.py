@@ -144,7 +144,7 @@ def create_app(gateway: Gateway) -> QuartTrio:
     @app.get("/admin/routing")
     async def admin_routing() -> Response:
         require_admin()
-        return json_response({"models": gateway.routing_view()})
+        return json_response(gateway.routing_view())
 
     @app.get("/v1/models")
     async def models() -> Response:

@@ -137,7 +137,7 @@ def make_converter() -> cattrs.Converter:
         return get_origin(tp) is list and tp != list[str]
 
     def list_hook(tp: Any) -> Callable[[Any, Any], list[Any]]:
-        base = cattrs.cols.list_structure_factory(tp, conv)
+        base: Callable[[Any, Any], list[Any]] = cattrs.cols.list_structure_factory(tp, conv)
 
         def hook(value: Any, _: Any) -> list[Any]:
             if not isinstance(value, list):
@@ -149,7 +149,7 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook_factory(is_plain_list, list_hook)
 
     def attrs_hook(cl: type) -> Callable[[Any, type], Any]:
-        base = cattrs.gen.make_dict_structure_fn(
+        base: Callable[[Any, type], Any] = cattrs.gen.make_dict_structure_fn(
             cl, conv, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True
         )
 

@@ -365,7 +365,7 @@ async def test_cooldown_moves_traffic_to_the_other_deployment(
     cfg = _config(mock_upstream, models=models, allowed_fails=2, cooldown_s=600,
                   retry_policy={"server_error": 2})
     gw = await start_gateway(cfg)
-    before = (await gw.client.get("/admin/routing")).json()["models"]["cooldowns"]
+    before = (await gw.client.get("/admin/routing")).json()["cooldowns"]
     assert not any(d["cooling"] for d in before.values())
 
     r = await gw.chat("[mock:status=500][mock:only_model=up-a]")
@@ -375,7 +375,7 @@ async def test_cooldown_moves_traffic_to_the_other_deployment(
     (event,) = await _events(gw, 1)
     assert [a["deployment"] for a in event["attempts"]] == ["m/up/0", "m/up/0", "m/up/1"]
 
-    cooldowns = (await gw.client.get("/admin/routing")).json()["models"]["cooldowns"]
+    cooldowns = (await gw.client.get("/admin/routing")).json()["cooldowns"]
     assert cooldowns["m/up/0"]["cooling"] is True
     assert cooldowns["m/up/0"]["cooldown_remaining_s"] > 0
     assert cooldowns["m/up/0"]["last_failure_class"] == "server_error"
@@ -397,7 +397,7 @@ async def test_rate_limit_cooldown_lasts_as_long_as_retry_after(
     gw = await start_gateway(cfg)
     r = await gw.chat("[mock:status=429,retry_after=40]")
     assert r.status_code == 429, r.text
-    cooldowns = (await gw.client.get("/admin/routing")).json()["models"]["cooldowns"]
+    cooldowns = (await gw.client.get("/admin/routing")).json()["cooldowns"]
     assert cooldowns["m/up/0"]["cooling"] is True
     # the upstream asked for 40 s, longer than cooldown_s: the deployment is benched that long
     assert cooldowns["m/up/0"]["cooldown_remaining_s"] > 30
