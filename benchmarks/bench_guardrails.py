@@ -1,9 +1,12 @@
 """Guardrail mesh cost per request for a ~4 KB prompt: cold (every detector runs), cached
-(VerdictCache hit through the actor's mailbox), per detector, and redaction.
+(VerdictCache hit through the actor's mailbox), per detector, and redaction; then gateway
+throughput with the mesh off / on (cache off) / on (cache on), measured in one run.
 
-    /work/venv/bin/python benchmarks/bench_guardrails.py [--iterations N]
+    /work/venv/bin/python benchmarks/bench_guardrails.py [--iterations N] [--requests N]
 
-Bounded: a few thousand evaluations, a few seconds. Progress on stderr, the table on stdout.
+Bounded: a few thousand evaluations and a few hundred HTTP requests per gateway mode. The mock
+upstream, the gateway and the load generator share one process and one trio loop, so absolute
+req/s are pessimistic; the on/off *ratio* is the number to read. Progress on stderr.
 """
 
 from __future__ import annotations
@@ -84,7 +87,90 @@ def row(label: str, samples: list[float]) -> str:
     return f"| {label:<40} | {p50:>9.1f} | {p99:>9.1f} | {1e6 / p50:>10.0f} |"
 
 
-async def main(n: int) -> None:
+async def gateway_throughput(requests: int, concurrency: int = 8) -> list[str]:
+    """req/s through the real gateway with a 4 KB prompt, per guardrails setting."""
+    import tempfile
+    from pathlib import Path
+
+    import httpx2
+
+    from sbactor.config import parse_config
+    from sbactor.server import run_gateway
+    from sbactor.upstream_mock.scenarios import Settings
+    from sbactor.upstream_mock.server import MockUpstreamApp, serve_mock
+
+    detectors = [{"type": "pii"}, {"type": "secrets"}, {"type": "prompt_injection"}]
+    modes: list[tuple[str, dict[str, object] | None]] = [
+        ("gateway, guardrails off", None),
+        ("gateway, mesh on, cache off", {"input": detectors, "mesh": {"cache": False}}),
+        ("gateway, mesh on, cache on", {"input": detectors, "mesh": {"cache": True}}),
+    ]
+    prompt = prompt_4kb(False)
+    lines = []
+    async with trio.open_nursery() as nursery:
+        app = MockUpstreamApp(Settings())
+        upstream = await nursery.start(
+            lambda task_status: serve_mock(
+                "127.0.0.1:0", app=app, quiet=True, task_status=task_status
+            )
+        )
+        for label, guardrails in modes:
+            data: dict[str, object] = {
+                "server": {"auth": "off", "log_level": "error"},
+                "providers": [
+                    {
+                        "name": "up",
+                        "type": "openai",
+                        "base_url": f"http://{upstream}/v1",
+                        "api_key": "x",
+                    }
+                ],
+                "models": [{"name": "m", "deployments": [{"provider": "up", "model": "m"}]}],
+            }
+            if guardrails is not None:
+                data["guardrails"] = guardrails
+            shutdown = trio.Event()
+            with tempfile.TemporaryDirectory() as tmp:
+                _, address = await nursery.start(
+                    lambda task_status, d=data, t=tmp, e=shutdown: run_gateway(
+                        parse_config(d, env={}),
+                        Path(t),
+                        "127.0.0.1:0",
+                        shutdown=e,
+                        task_status=task_status,
+                    )
+                )
+                body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+                done = 0
+                async with httpx2.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+                    await c.post("/v1/chat/completions", json=body)  # warm up
+
+                    async def worker(count: int, client: httpx2.AsyncClient = c) -> None:
+                        nonlocal done
+                        for _ in range(count):
+                            r = await client.post("/v1/chat/completions", json=body)
+                            assert r.status_code == 200, r.text
+                            done += 1
+                            progress(label, done, requests)
+
+                    t0 = time.perf_counter()
+                    async with trio.open_nursery() as load:
+                        for i in range(concurrency):
+                            load.start_soon(
+                                worker, requests // concurrency + (i < requests % concurrency)
+                            )
+                    elapsed = time.perf_counter() - t0
+                shutdown.set()
+                lines.append((label, requests / elapsed, elapsed / requests * 1000))
+        nursery.cancel_scope.cancel()
+    base = lines[0][1]
+    return [
+        f"| {label:<40} | {rps:>9.0f} | {ms:>9.2f} | {rps / base:>10.2f}x |"
+        for label, rps, ms in lines
+    ]
+
+
+async def main(n: int, requests: int) -> None:
     cfg = GuardrailsConfig(
         input=[PiiConfig(), SecretsConfig(), PromptInjectionConfig(), LengthConfig()],
         mesh=MeshConfig(block_threshold=2),
@@ -137,10 +223,17 @@ async def main(n: int) -> None:
     print(f"| {'case':<40} | {'p50 us':>9} | {'p99 us':>9} | {'per s (p50)':>10} |")
     print(f"|{'-' * 42}|{'-' * 11}|{'-' * 11}|{'-' * 12}|")
     print("\n".join(rows))
+    if requests > 0:
+        gw_rows = await gateway_throughput(requests)
+        print(f"\ngateway throughput, 4 KB prompt, {requests} requests, concurrency 8")
+        print(f"| {'case':<40} | {'req/s':>9} | {'ms/req':>9} | {'vs off':>11} |")
+        print(f"|{'-' * 42}|{'-' * 11}|{'-' * 11}|{'-' * 13}|")
+        print("\n".join(gw_rows))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=600, help="per gateway mode; 0 = skip")
     args = parser.parse_args()
-    trio.run(main, max(1, min(args.iterations, 100000)))
+    trio.run(main, max(1, min(args.iterations, 100000)), max(0, min(args.requests, 20000)))

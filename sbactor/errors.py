@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import orjson
@@ -18,20 +19,24 @@ class GatewayError(Exception):
     code: str | None = None
     headers: Mapping[str, str] = attrs.field(factory=dict)
     param: str | None = None
+    details: Mapping[str, Any] = attrs.field(factory=dict)  # extra fields, e.g. a budget's scope
 
     def body(self) -> bytes:
-        return error_body(self.message, self.type, self.code, self.param)
+        return error_body(self.message, self.type, self.code, self.param, self.details)
 
     def __str__(self) -> str:
         return f"{self.status} {self.type}: {self.message}"
 
 
 def error_body(
-    message: str, type_: str, code: str | None = None, param: str | None = None
+    message: str,
+    type_: str,
+    code: str | None = None,
+    param: str | None = None,
+    details: Mapping[str, Any] | None = None,
 ) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": message, "type": type_, "code": code, "param": param}}
-    )
+    error = {"message": message, "type": type_, "code": code, "param": param, **(details or {})}
+    return orjson.dumps({"error": error})
 
 
 def bad_request(message: str, code: str | None = None, param: str | None = None) -> GatewayError:

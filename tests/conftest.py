@@ -56,8 +56,8 @@ class RunningGateway:
         return f"http://{self.address}"
 
     async def chat(self, content: str, *, model: str = "m", **extra: Any) -> httpx2.Response:
-        body = {"model": model, "messages": [{"role": "user", "content": content}], **extra}
         headers = extra.pop("headers", None)
+        body = {"model": model, "messages": [{"role": "user", "content": content}], **extra}
         return await self.client.post("/v1/chat/completions", json=body, headers=headers)
 
     async def stop(self) -> None:

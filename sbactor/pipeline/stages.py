@@ -125,6 +125,7 @@ async def run_budget(gateway: Gateway, ctx: RequestContext) -> dict[str, Any] | 
                 str(body["type"]),
                 str(body["code"]),
                 headers=result.headers(),
+                details={k: body[k] for k in ("scope", "resets_at", "retry_after_s") if k in body},
             ),
             {"scope": result.scope, "resets_at": result.resets_at, "kind": result.kind},
         )

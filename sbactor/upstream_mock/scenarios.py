@@ -180,6 +180,14 @@ def _max_words(body: Mapping[str, Any], markers: Markers) -> int:
     return 24
 
 
+def _clip_to_limit(text: str, body: Mapping[str, Any]) -> str:
+    """A real model never bills more completion tokens than ``max_tokens``; neither does this."""
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    if isinstance(limit, int) and limit > 0 and count_tokens(text) > limit:
+        return text[: limit * 4]
+    return text
+
+
 @attrs.define
 class ScenarioEngine:
     """Decides each request's fate. Holds the seeded rng and the per-id ``times`` counters."""
@@ -199,7 +207,7 @@ class ScenarioEngine:
         markers = parse_markers(prompt)
         active = markers.only_model is None or markers.only_model == model
         m = markers if active and self._take(markers) else Markers()
-        text = reply_text(prompt, model, _max_words(body, m), s.reply)
+        text = _clip_to_limit(reply_text(prompt, model, _max_words(body, m), s.reply), body)
         latency_s = (m.latency_ms if m.latency_ms is not None else s.latency_ms) / 1000.0
         base = Decision(latency_s=latency_s, model=model, prompt_tokens=prompt_tokens(body),
                         stall_s=(m.stall_ms or 0) / 1000.0)
