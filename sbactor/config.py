@@ -136,9 +136,24 @@ class ActorsConfig:
     call_timeout_s: float = attrs.field(default=5.0, validator=_positive)
 
 
+def _redis_url(_: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+
+
 @attrs.frozen
 class StateConfig:
-    backend: Literal["memory"] = "memory"
+    """Where budgets, rate limits and routing feedback live: this process (``memory``) or a
+    Redis shared by every worker and instance (``redis``; see docs/scale-out.md)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    url: str = attrs.field(default="redis://127.0.0.1:6379/0", validator=_redis_url)
+    key_prefix: str = "sbactor:"
+    # Redis down or slow: refuse paid requests with 503, or serve on local counters.
+    on_unavailable: Literal["fail_closed", "fail_open"] = "fail_closed"
+    timeout_s: float = attrs.field(default=0.5, validator=_positive)
+    # How long a process reuses shared routing statistics before reading them again.
+    local_cache_s: float = attrs.field(default=1.0, validator=_non_negative)
 
 
 @attrs.frozen
@@ -224,6 +239,13 @@ def cross_check(config: Config) -> list[str]:
 
         problems += [f"policy.expression: {p}" for p in check_policy(config.policy, set(models))]
         problems += [f"policy.{p}" for p in check_on_error(config.policy, set(models))]
+    if config.state.backend == "redis":
+        for i, budget in enumerate(config.budgets):
+            if budget.rolling:
+                problems.append(
+                    f"budgets[{i}].rolling: rolling windows are not supported with "
+                    "state.backend redis (use a calendar window)"
+                )
     sinks = [type(s).__name__ for s in config.usage_sinks]
     if sinks.count("LedgerSinkConfig") > 1:
         problems.append("usage_sinks: at most one ledger sink")

@@ -159,9 +159,20 @@ def make_converter() -> cattrs.Converter:
             try:
                 return base(value, cl)
             except ClassValidationError as exc:
+                subs = exc.exceptions
+                if all(isinstance(s, ForbiddenExtraKeysError) for s in subs):
+                    # cattrs stops before __init__: check the known keys too, to report all.
+                    known = {a.alias for a in attrs.fields(cl)}
+                    try:
+                        hook({k: v for k, v in value.items() if k in known}, cl)
+                    except (ClassValidationError, FieldErrors) as inner:
+                        more = (
+                            inner.exceptions if isinstance(inner, ClassValidationError) else [inner]
+                        )
+                        raise ClassValidationError(exc.message, [*more, *subs], cl) from None
+                    raise
                 # A lone, unlabelled ValueError is an attrs validator raising in __init__:
                 # find which fields failed, so each problem's path names its field.
-                subs = exc.exceptions
                 if len(subs) != 1 or _note_of(subs[0]) is not None:
                     raise
                 if not isinstance(subs[0], ValueError | TypeError):

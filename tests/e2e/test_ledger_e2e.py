@@ -259,7 +259,7 @@ async def test_kill_9_under_strict_load_then_restart(tmp_path: Path) -> None:
                            checkpoint_every=7)
     data = tmp_path / "data"
     succeeded: list[str] = []
-    target = 40
+    target = 24
     enough = trio.Event()
 
     async def worker(client: httpx2.AsyncClient, index: int) -> None:
@@ -336,16 +336,15 @@ async def test_kill_9_under_strict_load_then_restart(tmp_path: Path) -> None:
 # ---- serve refuses a ledger broken in the middle; --ledger-recover quarantine ------------------
 
 
-async def test_serve_on_corrupt_ledger_exits_2_or_quarantines(tmp_path: Path) -> None:
+async def test_serve_on_corrupt_ledger_exits_2_or_quarantines(
+    tmp_path: Path, start_gateway: StartGateway
+) -> None:
     config = _write_config(tmp_path / "cfg.yaml", checkpoint_every=1000)
     data = tmp_path / "data"
-    async with serve(tmp_path, data, "--config", str(config), name="seed") as proc:
-        async with httpx2.AsyncClient(base_url=proc.url, timeout=30) as client:
-            for i in range(4):
-                assert (await post_chat(client, f"x{i}", rid=f"c-{i}")).status_code == 200
-        proc.process.send_signal(signal.SIGTERM)
-        with trio.fail_after(20):
-            assert await proc.process.wait() == 0
+    gw = await start_gateway(config.read_text(), data_dir=data)  # a good ledger to break
+    for i in range(4):
+        assert (await post_chat(gw.client, f"x{i}", rid=f"c-{i}")).status_code == 200
+    await stopped(gw)
     segment = data / "ledger" / "ledger-000000.jsonl"
     lines = segment.read_bytes().splitlines(keepends=True)
     lines[1] = lines[1].replace(b'"prompt_tokens":', b'"prompt_tokens":1', 1)  # tamper seq 1

@@ -296,9 +296,9 @@ def test_unset_env_without_default_is_an_error_with_path() -> None:
     data = base()
     data["server"] = {"admin_key": "${SBACTOR_TEST_UNSET_ADMIN}"}
     data["providers"][0]["api_key"] = "${SBACTOR_TEST_UNSET_KEY}"
-    assert problems_of(data) == [
-        "server.admin_key: environment variable SBACTOR_TEST_UNSET_ADMIN is not set",
+    assert problems_of(data) == [  # in document order
         "providers[0].api_key: environment variable SBACTOR_TEST_UNSET_KEY is not set",
+        "server.admin_key: environment variable SBACTOR_TEST_UNSET_ADMIN is not set",
     ]
 
 
@@ -369,17 +369,23 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     data = base()
     data["models"][1]["deployments"][0]["provider"] = "opnai"
-    data["server"] = {"bnd": 1}
+    data["server"] = {"bnd": 1, "backlog": "big"}
     bad.write_text(yaml.safe_dump(data))
     r = run_cli("config", "check", str(bad))
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert lines[0] == f"sbactor: {bad}: 2 problem(s) in the config:"
-    assert lines[1].strip().startswith("server.bnd: unknown key")
-    assert lines[2].strip() == (
-        "models[1].deployments[0].provider: unknown provider 'opnai' (known: openai, local)"
-    )
+    assert lines[1] == "  server.backlog: expected an integer, got 'big'"
+    assert lines[2].startswith("  server.bnd: unknown key")
     assert "Traceback" not in r.stderr
+    # reference checks (names of providers/models) run once the structure is valid
+    data["server"] = {}
+    bad.write_text(yaml.safe_dump(data))
+    r = run_cli("config", "check", str(bad))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[1:] == [
+        "  models[1].deployments[0].provider: unknown provider 'opnai' (known: openai, local)"
+    ]
 
     broken = tmp_path / "broken.yaml"
     broken.write_text("server: [\n")
