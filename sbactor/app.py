@@ -1,4 +1,7 @@
-"""The HTTP edge: a quart-trio app whose handlers only translate HTTP to pipeline calls."""
+"""The quart-trio app: health, metrics, models and the admin API.
+
+The inference routes (chat, embeddings, feedback) are served by ``sbactor.edge`` in front of it.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +20,6 @@ from sbactor.auth import admin_key_ok
 from sbactor.errors import GatewayError, error_body
 from sbactor.gateway import Gateway
 from sbactor.logs import request_id_var
-from sbactor.pipeline.chat import handle_chat, handle_embeddings
-from sbactor.pipeline.feedback import handle_feedback
 
 log = logging.getLogger("sbactor.app")
 
@@ -125,6 +126,9 @@ def create_app(gateway: Gateway) -> QuartTrio:
         reasons = gateway.unready_reasons()
         if reasons:
             return json_response({"ready": False, "reasons": reasons}, status=503)
+        degraded = gateway.degraded_reasons()
+        if degraded:
+            return json_response({"ready": True, "degraded": degraded})
         return json_response({"ready": True})
 
     @app.get("/metrics")
@@ -154,17 +158,5 @@ def create_app(gateway: Gateway) -> QuartTrio:
             for m in gateway.config.models
         ]
         return json_response({"object": "list", "data": data})
-
-    @app.post("/v1/chat/completions")
-    async def chat() -> Response:
-        return await handle_chat(gateway, g.request_id, g.started)
-
-    @app.post("/v1/embeddings")
-    async def embeddings() -> Response:
-        return await handle_embeddings(gateway, g.request_id, g.started)
-
-    @app.post("/v1/feedback")
-    async def feedback() -> Response:
-        return await handle_feedback(gateway, g.request_id)
 
     return app

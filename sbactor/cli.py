@@ -53,6 +53,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(config.server.log_level)
     bind = args.bind or config.server.bind
     data_dir = Path(args.data_dir)
+    if args.workers is not None or args.worker_id is not None:
+        import attrs
+
+        from sbactor.config import cross_check
+
+        workers = args.workers or config.server.workers
+        config = attrs.evolve(config, server=attrs.evolve(config.server, workers=workers))
+        problems = cross_check(config)
+        if problems:
+            _print_problems(args.config or "<demo config>", ConfigError(problems))
+            return 2
+    if args.worker_id is not None:
+        from sbactor.workers import worker_config
+
+        config = worker_config(config, args.worker_id)
+    elif config.server.workers > 1:
+        from sbactor.workers import serve_workers
+
+        if args.config is None:
+            print("sbactor: --workers needs --config", file=sys.stderr)
+            return 2
+        return serve_workers(config.server.workers, args.config, bind, data_dir,
+                             ledger_recover=args.ledger_recover)
     if args.config is None:
         from nacl.signing import SigningKey
 
@@ -123,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a ledger broken in the middle: refuse to start (default), or move the broken"
         " part to quarantine-<time>/ and continue from the last good entry",
     )
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="worker processes on one port (> 1 needs state.backend redis)")
+    serve.add_argument("--worker-id", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     config = sub.add_parser("config", help="check a config or print its JSON Schema")

@@ -62,6 +62,8 @@ class ServerConfig:
     max_in_flight: int = attrs.field(default=1024, validator=_positive)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = False
+    # Processes serving one port (SO_REUSEPORT); > 1 needs state.backend redis.
+    workers: int = attrs.field(default=1, validator=_positive)
 
 
 @attrs.frozen
@@ -239,6 +241,11 @@ def cross_check(config: Config) -> list[str]:
 
         problems += [f"policy.expression: {p}" for p in check_policy(config.policy, set(models))]
         problems += [f"policy.{p}" for p in check_on_error(config.policy, set(models))]
+    if config.server.workers > 1 and config.state.backend != "redis":
+        problems.append(
+            f"server.workers: {config.server.workers} workers need state.backend redis "
+            "(with memory state every worker would keep its own budgets and rate limits)"
+        )
     if config.state.backend == "redis":
         for i, budget in enumerate(config.budgets):
             if budget.rolling:

@@ -33,6 +33,7 @@ from sbactor.providers.base import Provider, build_provider
 from sbactor.resilience.cooldown import CooldownTracker
 from sbactor.resilience.planner import FallbackTable
 from sbactor.routing.strategies import Candidate, NoCandidates, deployment_id
+from sbactor.state.client import StateClient
 from sbactor.usage.sinks import UsageSink, make_jsonl_sink
 
 log = logging.getLogger("sbactor.gateway")
@@ -101,6 +102,7 @@ class Gateway:
     bound: str | None = None
     in_flight: int = 0
     started_at: float = attrs.field(factory=time.time)
+    state: StateClient | None = None  # state.backend redis: the shared Redis
 
     @classmethod
     def build(
@@ -128,18 +130,37 @@ class Gateway:
                 sink = make_jsonl_sink(resolve(data_dir, sink_cfg.path), config.actors.sink_mailbox)
                 actors.add(sink)
                 sinks.append(sink)
-        feedback = FeedbackStore(
-            name="feedback_store",
-            capacity=config.actors.feedback_mailbox,
-            supervision=Supervision.RESTART,
-            settings=config.routing,
-            call_timeout_s=call_timeout,
-        )
+        state = StateClient(config.state) if config.state.backend == "redis" else None
+        if state is not None:
+            from sbactor.state.feedback import SharedFeedbackStore
+
+            feedback: FeedbackStore = SharedFeedbackStore(
+                name="feedback_store",
+                capacity=config.actors.feedback_mailbox,
+                supervision=Supervision.RESTART,
+                settings=config.routing,
+                call_timeout_s=call_timeout,
+                state=state,
+                refresh_s=config.state.local_cache_s,
+            )
+        else:
+            feedback = FeedbackStore(
+                name="feedback_store",
+                capacity=config.actors.feedback_mailbox,
+                supervision=Supervision.RESTART,
+                settings=config.routing,
+                call_timeout_s=call_timeout,
+            )
         actors.add(feedback)
         budgets: BudgetTracker | None = None
         candidates = {m.name: build_candidates(m) for m in config.models}
         if config.budgets or config.rate_limits:
-            budgets = BudgetTracker.from_config(
+            tracker_class = BudgetTracker
+            if state is not None:
+                from sbactor.state.budget import SharedBudgetTracker
+
+                tracker_class = SharedBudgetTracker
+            budgets = tracker_class.from_config(
                 config.budgets,
                 config.rate_limits,
                 config.budget_settings,
@@ -149,6 +170,10 @@ class Gateway:
                     candidates.get(model, []), tokens_in, tokens_out
                 ),
             )
+            if state is not None:
+                budgets.state = state  # type: ignore[attr-defined]
+                budgets.fail_open = config.state.on_unavailable == "fail_open"  # type: ignore[attr-defined]
+                budgets.snapshot_file = None  # the counters live in redis
             actors.add(budgets)
         guardrails = (
             CompiledGuardrails.from_config(config.guardrails) if config.guardrails else None
@@ -183,6 +208,7 @@ class Gateway:
             models=models,
             cooldowns=CooldownTracker.from_config(config.resilience),
             fallbacks=FallbackTable.from_models(config.models),
+            state=state,
         )
         metrics.watch_actors(actors.statistics)
         return gateway
@@ -190,6 +216,8 @@ class Gateway:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, nursery: trio.Nursery) -> None:
+        if self.state is not None:
+            await nursery.start(self.state.run)
         await self.actors.start_all(nursery)
         if self.guardrails is not None and self.guardrails.expensive:
             import httpx2
@@ -198,6 +226,8 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.actors.stop_all()
+        if self.state is not None:
+            self.state.stop()
 
     async def aclose(self) -> None:
         for provider in self.providers.values():
@@ -288,7 +318,14 @@ class Gateway:
             reason = sink.admission()
             if reason:
                 reasons.append(reason)
+        if self.config.state.on_unavailable == "fail_closed":
+            reasons += self.degraded_reasons()
         return reasons
+
+    def degraded_reasons(self) -> list[str]:
+        """Shared state unavailable (with fail_open the gateway stays ready but degraded)."""
+        reason = self.state.unavailable_reason() if self.state is not None else None
+        return [reason] if reason else []
 
     def routing_view(self) -> Any:
         view = self.feedback.routing_view(

@@ -29,6 +29,7 @@ from hypercorn.utils import wrap_app
 
 from sbactor.app import create_app
 from sbactor.config import Config
+from sbactor.edge import Edge
 from sbactor.gateway import Gateway
 from sbactor.ledger.verify import LedgerCorrupt
 
@@ -43,6 +44,7 @@ def hypercorn_config(bind: str, config: Config) -> HypercornConfig:
     hc = HypercornConfig()
     hc.bind = [bind]
     hc.backlog = config.server.backlog
+    hc.workers = config.server.workers  # > 1: SO_REUSEPORT, so every worker binds the port
     hc.graceful_timeout = config.server.shutdown_grace_s
     hc.accesslog = None
     hc.errorlog = logging.getLogger("sbactor.hypercorn")
@@ -81,7 +83,7 @@ async def run_gateway(
     hc = hypercorn_config(bind, config)
     sockets = open_sockets(hc, bind)
     gateway = Gateway.build(config, data_dir, ledger_recover=ledger_recover)
-    app = wrap_app(create_app(gateway), None, "asgi")  # type: ignore[arg-type]
+    app = wrap_app(Edge(gateway, create_app(gateway)), None, "asgi")  # type: ignore[arg-type]
     shutdown = shutdown if shutdown is not None else trio.Event()
     http_done = trio.Event()
 

@@ -47,7 +47,8 @@ class PreflightRequest:
 @attrs.frozen
 class PreflightResult:
     ok: bool
-    kind: Literal["rate_limit", "budget"] | None = None
+    # "unavailable": shared state (redis) down with on_unavailable fail_closed → 503
+    kind: Literal["rate_limit", "budget", "unavailable"] | None = None
     scope: str | None = None  # which limit/budget refused, e.g. "team/day [team=research]"
     message: str | None = None
     retry_after_s: float | None = None  # None: this request can never fit
@@ -60,6 +61,7 @@ class PreflightResult:
     downgrade_to: str | None = None  # None with downgrade: pick the cheapest same-surface model
     budget_exceeded: bool = False
     reserved_usd: float = 0.0
+    degraded: bool = False  # decided on local counters: shared state unavailable (fail_open)
 
     def headers(self) -> dict[str, str]:
         """Response headers: ``Retry-After`` on refusals, the budget warning when near a cap."""

@@ -11,11 +11,12 @@ from typing import Any
 
 import orjson
 import trio
-from quart import Response, request
 
 from sbactor.errors import GatewayError
 from sbactor.gateway import Gateway
 from sbactor.pipeline.context import (
+    Incoming,
+    Reply,
     RequestContext,
     parse_body,
     require_model,
@@ -30,10 +31,9 @@ from sbactor.providers.base import Provider, UpstreamResponse
 from sbactor.resilience.compress import estimate_tokens
 
 
-async def _begin(gateway: Gateway, request_id: str, started: float, surface: str) -> RequestContext:
-    principal = gateway.authenticate(request.headers)
-    raw = await request.get_data(cache=False)
-    body = parse_body(raw if isinstance(raw, bytes) else raw.encode())
+def _begin(gateway: Gateway, incoming: Incoming, surface: str) -> RequestContext:
+    principal = gateway.authenticate(incoming.headers)
+    body = parse_body(incoming.body)
     model = require_model(body, gateway.models, surface)
     if surface == "chat":
         validate_chat(body)
@@ -46,8 +46,8 @@ async def _begin(gateway: Gateway, request_id: str, started: float, surface: str
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
     return RequestContext(
-        request_id=request_id,
-        started=started,
+        request_id=incoming.request_id,
+        started=incoming.started,
         principal=principal,
         surface=surface,
         body=body,
@@ -97,8 +97,8 @@ async def _refuse(gateway: Gateway, ctx: RequestContext, refused: Refused) -> Ga
     return refused.error
 
 
-async def handle_chat(gateway: Gateway, request_id: str, started: float) -> Response:
-    ctx = await _begin(gateway, request_id, started, "chat")
+async def handle_chat(gateway: Gateway, incoming: Incoming) -> Reply:
+    ctx = _begin(gateway, incoming, "chat")
     gateway.in_flight += 1
     try:
         try:
@@ -119,14 +119,9 @@ async def handle_chat(gateway: Gateway, request_id: str, started: float) -> Resp
                 raise
             headers = served_headers(ctx, ctx.model.name, opened.candidate.provider, 0.0)
             del headers["x-sbactor-cost-usd"]
-            response = Response(
-                stream_response(gateway, ctx, opened),
-                status=200,
-                headers={**headers, "cache-control": "no-cache"},
-                content_type="text/event-stream",
-            )
-            response.timeout = None
-            return response
+            headers["content-type"] = "text/event-stream"
+            headers["cache-control"] = "no-cache"
+            return Reply(200, headers, stream=stream_response(gateway, ctx, opened))
         return await _respond_json(gateway, ctx, first, _chat_call)
     except BaseException as exc:
         if not ctx.finalized:
@@ -136,8 +131,8 @@ async def handle_chat(gateway: Gateway, request_id: str, started: float) -> Resp
         gateway.in_flight -= 1
 
 
-async def handle_embeddings(gateway: Gateway, request_id: str, started: float) -> Response:
-    ctx = await _begin(gateway, request_id, started, "embeddings")
+async def handle_embeddings(gateway: Gateway, incoming: Incoming) -> Reply:
+    ctx = _begin(gateway, incoming, "embeddings")
     gateway.in_flight += 1
     try:
         try:
@@ -179,7 +174,7 @@ async def _embeddings_call(provider: Provider, body: dict[str, Any]) -> Upstream
     return await provider.embeddings(body)
 
 
-async def _respond_json(gateway: Gateway, ctx: RequestContext, first: Any, call: Any) -> Response:
+async def _respond_json(gateway: Gateway, ctx: RequestContext, first: Any, call: Any) -> Reply:
     try:
         served: Served = await dispatch(gateway, ctx, call, first)
     except GatewayError as err:
@@ -216,12 +211,8 @@ async def _respond_json(gateway: Gateway, ctx: RequestContext, first: Any, call:
     if "model" in payload:
         payload["model"] = ctx.model.name
     headers["x-sbactor-overhead-ms"] = f"{ctx.overhead_ms():.3f}"
-    return Response(
-        orjson.dumps(payload),
-        status=upstream.status,
-        headers=headers,
-        content_type="application/json",
-    )
+    headers["content-type"] = "application/json"
+    return Reply(upstream.status, headers, body=orjson.dumps(payload))
 
 
 def _finish_reason(payload: dict[str, Any]) -> str | None:

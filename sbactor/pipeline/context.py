@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import attrs
@@ -12,6 +13,26 @@ from sbactor.auth import Principal
 from sbactor.config import ModelConfig
 from sbactor.errors import GatewayError, bad_request
 from sbactor.resilience.planner import Attempt
+
+
+@attrs.frozen
+class Incoming:
+    """An HTTP request as the pipeline sees it, whatever server framework delivered it."""
+
+    request_id: str
+    started: float  # time.perf_counter() when the request arrived
+    headers: Mapping[str, str]  # lower-case names
+    body: bytes
+
+
+@attrs.frozen
+class Reply:
+    """What the pipeline answers: a whole body, or a stream of SSE bytes."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
 
 
 @attrs.define(eq=False)

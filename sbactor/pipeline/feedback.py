@@ -7,17 +7,17 @@ a ledger event, so the proof covers what the gateway learned from, too.
 from __future__ import annotations
 
 import orjson
-from quart import Response, request
 
 from sbactor.errors import GatewayError, bad_request
 from sbactor.gateway import Gateway
-from sbactor.pipeline.context import parse_body
+from sbactor.pipeline.context import Incoming, Reply, parse_body
 from sbactor.usage.event import utc_now_rfc3339
 
 
-async def handle_feedback(gateway: Gateway, request_id: str) -> Response:
-    principal = gateway.authenticate(request.headers)
-    body = parse_body(await request.get_data(cache=False))  # type: ignore[arg-type]
+async def handle_feedback(gateway: Gateway, incoming: Incoming) -> Reply:
+    request_id = incoming.request_id
+    principal = gateway.authenticate(incoming.headers)
+    body = parse_body(incoming.body)
     target = body.get("request_id")
     outcome = body.get("outcome")
     score = body.get("score")
@@ -57,4 +57,4 @@ async def handle_feedback(gateway: Gateway, request_id: str) -> Response:
         for sink in gateway.sinks:
             await sink.record(event)
     data = {"request_id": target, "status": result.status, "deployment": result.deployment_id}
-    return Response(orjson.dumps(data), status=200, content_type="application/json")
+    return Reply(200, {"content-type": "application/json"}, body=orjson.dumps(data))

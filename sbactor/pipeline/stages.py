@@ -115,6 +115,20 @@ async def run_budget(gateway: Gateway, ctx: RequestContext) -> dict[str, Any] | 
         "fraction": round(result.fraction, 6),
         "forecast_fraction": round(result.forecast_fraction, 6),
     }
+    if result.degraded:
+        ctx.tags.append("state_degraded")
+    if not result.ok and result.kind == "unavailable":
+        raise Refused(
+            "budget",
+            GatewayError(
+                503,
+                str(result.message),
+                "service_unavailable",
+                "state_unavailable",
+                headers=result.headers(),
+            ),
+            {"kind": result.kind},
+        )
     if not result.ok:
         body = result.error_body()["error"]
         raise Refused(

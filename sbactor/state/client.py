@@ -84,7 +84,8 @@ class StateClient:
     def unavailable_reason(self) -> str | None:
         if self.up:
             return None
-        return f"shared state (redis at {_redacted(self.config.url)}) unavailable: {self.last_error}"
+        where = _redacted(self.config.url)
+        return f"shared state (redis at {where}) unavailable: {self.last_error}"
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -145,7 +146,10 @@ class StateClient:
                 log.exception("state recovery listener failed")
 
     def _mark_down(self, exc: BaseException) -> None:
-        reason = "timed out" if isinstance(exc, trio.TooSlowError) else (str(exc) or type(exc).__name__)
+        if isinstance(exc, trio.TooSlowError):
+            reason = f"timed out after {self.config.timeout_s} s"
+        else:
+            reason = str(exc) or type(exc).__name__
         self.last_error = reason
         if self.up:
             self.up = False

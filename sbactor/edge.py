@@ -1,0 +1,170 @@
+"""The hot path's HTTP edge: a raw ASGI front for the inference routes, Quart for the rest.
+
+Quart's per-request machinery (request/app contexts, hooks, response objects) cost about as much
+CPU as everything the gateway does for a request (measured; see benchmarks/README.md). The
+inference routes are served here directly from ASGI messages; health, metrics and the admin API
+stay in the quart-trio app, which receives every other request unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+
+from sbactor.errors import GatewayError, error_body
+from sbactor.gateway import Gateway
+from sbactor.logs import request_id_var
+from sbactor.pipeline.chat import handle_chat, handle_embeddings
+from sbactor.pipeline.context import Incoming, Reply
+from sbactor.pipeline.feedback import handle_feedback
+
+log = logging.getLogger("sbactor.app")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Handler = Callable[[Gateway, Incoming], Awaitable[Reply]]
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+ROUTES: dict[str, Handler] = {
+    "/v1/chat/completions": handle_chat,
+    "/v1/embeddings": handle_embeddings,
+    "/v1/feedback": handle_feedback,
+}
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def request_id_from(headers: dict[str, str]) -> str:
+    incoming = headers.get("x-request-id")
+    return incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+
+class Edge:
+    """ASGI app: POST to an inference route is handled here, anything else goes to ``fallback``."""
+
+    def __init__(self, gateway: Gateway, fallback: ASGIApp) -> None:
+        self.gateway = gateway
+        self.fallback = fallback
+        self.max_body = gateway.config.server.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if handler is None or scope.get("method") != "POST":
+            await self.fallback(scope, receive, send)
+            return
+        await self._serve(scope, receive, send, handler)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, handler: Handler) -> None:
+        started = time.perf_counter()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = request_id_from(headers)
+        request_id_var.set(request_id)
+        try:
+            body = await self._read_body(receive, headers)
+        except _TooLarge:
+            message = f"request body is larger than the limit of {self.max_body} bytes"
+            error = GatewayError(413, message, "invalid_request_error", "request_too_large")
+            await self._answer(send, scope["path"], request_id, started, _error_reply(error))
+            return
+        incoming = Incoming(request_id, started, headers, body)
+        async with trio.open_nursery() as nursery:
+            # a client that goes away cancels the request, as in quart-trio; the pipeline
+            # still records its usage event (shielded)
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            reply = await _run(handler, self.gateway, incoming)
+            await self._answer(send, scope["path"], request_id, started, reply)
+            nursery.cancel_scope.cancel()
+
+    async def _answer(
+        self, send: Send, route: str, request_id: str, started: float, reply: Reply
+    ) -> None:
+        reply.headers["x-request-id"] = request_id
+        self._observe(route, reply.status, started)  # before sending: the client may ask next
+        await self._send(send, reply)
+
+    def _observe(self, route: str, status_code: int, started: float) -> None:
+        status = str(status_code)
+        self.gateway.metrics.requests.labels(route, status).inc()
+        self.gateway.metrics.latency.labels(route, status).observe(time.perf_counter() - started)
+
+    async def _read_body(self, receive: Receive, headers: dict[str, str]) -> bytes:
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise _TooLarge
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise _TooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    async def _send(self, send: Send, reply: Reply) -> None:
+        raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
+        if reply.stream is None:
+            raw_headers.append((b"content-length", str(len(reply.body)).encode()))
+            await send(
+                {"type": "http.response.start", "status": reply.status, "headers": raw_headers}
+            )
+            await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+            return
+        await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers})
+        stream = reply.stream
+        try:
+            async for piece in stream:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def _run(handler: Handler, gateway: Gateway, incoming: Incoming) -> Reply:
+    """The handler's reply, or the error reply: our own bugs become a 500, never a traceback."""
+    try:
+        return await handler(gateway, incoming)
+    except GatewayError as err:
+        return _error_reply(err)
+    except Exception:
+        log.exception("internal error")
+        return Reply(
+            500,
+            {"content-type": "application/json"},
+            error_body(
+                "internal gateway error; see the gateway log for this request id",
+                "internal_error",
+                "internal_error",
+            ),
+        )
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+def _error_reply(err: GatewayError) -> Reply:
+    headers = {"content-type": "application/json", **err.headers}
+    return Reply(err.status, headers, err.body())

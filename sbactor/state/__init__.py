@@ -1,0 +1,1 @@
+"""Shared state across workers and instances (``state.backend: redis``)."""

@@ -1,0 +1,318 @@
+"""SharedBudgetTracker: the BudgetTracker with its counters in Redis (``state.backend: redis``).
+
+Pre-flight is one Lua script (``scripts.RESERVE``): every rate limit and every budget counter of
+the request is checked and, only if all admit it, the worst case is reserved in all of them —
+so concurrent requests on any number of instances cannot overshoot a cap. Reconcile swaps the
+reservation for the actual spend. Calendar-window keys expire on their own after the window.
+
+Redis unavailable:
+- ``fail_closed``: pre-flight refuses (``kind="unavailable"`` → 503 with the reason).
+- ``fail_open``: the inherited local book and limiter decide (``degraded=True`` → the event is
+  tagged ``state_degraded``); the spend of those requests (and reconciles that could not reach
+  Redis) is queued and pushed to Redis when it answers again.
+Every spend is also recorded in the local book, so local counters fall back on at least this
+instance's own spend.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from typing import Any
+
+import attrs
+import trio
+
+from sbactor.actors.budget_tracker import (
+    AdminSnapshot,
+    BudgetTracker,
+    PreflightRequest,
+    PreflightResult,
+    Reconcile,
+    _rate_refusal,
+)
+from sbactor.actors.runtime import ActorClosed
+from sbactor.budget.book import CounterView, Refused, soft_landing
+from sbactor.budget.ratelimit import RateRefused
+from sbactor.budget.scopes import CounterId, RequestScopes, counters_for, rate_counters_for
+from sbactor.budget.windows import window_end, window_start
+from sbactor.state.client import StateClient, StateUnavailable
+
+log = logging.getLogger("sbactor.state.budget")
+
+#: Spend waiting for Redis to come back (oldest dropped beyond this, with an error log).
+MAX_PENDING = 100_000
+#: Window keys live this long past their window's end (late reconciles still land).
+KEY_GRACE_S = 3600
+
+
+@attrs.frozen
+class _Held:
+    member: str
+    rate_keys: tuple[str, ...]
+    budget_keys: tuple[str, ...]  # counter, holds, counter, holds, ...
+    ttls: tuple[int, ...]
+    tokens: int
+    second: int
+    scopes: RequestScopes
+
+
+@attrs.frozen
+class _Flush:
+    pass
+
+
+@attrs.define(eq=False)
+class SharedBudgetTracker(BudgetTracker):
+    state: StateClient | None = None
+    fail_open: bool = False
+
+    _held: dict[str, _Held] = attrs.field(init=False, factory=dict)
+    _local: dict[str, RequestScopes] = attrs.field(init=False, factory=dict)
+    _pending: deque[tuple[_Held, float, int]] = attrs.field(init=False, factory=deque)
+    _shared_refused: int = attrs.field(init=False, default=0)
+    _degraded_calls: int = attrs.field(init=False, default=0)
+    _unavailable_refusals: int = attrs.field(init=False, default=0)
+    _flushed: int = attrs.field(init=False, default=0)
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        if self.state is not None:
+            self.state.on_recover(self._request_flush)
+
+    def _request_flush(self) -> None:
+        try:
+            self.cast_nowait(_Flush())
+        except (ActorClosed, trio.WouldBlock):  # full mailbox: the next tick flushes
+            pass
+
+    async def handle(self, message: Any) -> Any:
+        if isinstance(message, PreflightRequest):
+            return await self._shared_preflight(message)
+        if isinstance(message, Reconcile):
+            await self._shared_reconcile(message)
+            return None
+        if isinstance(message, _Flush):
+            await self._flush()
+            return None
+        if isinstance(message, AdminSnapshot):
+            return await self._admin_rows()
+        result = await super().handle(message)
+        if self._pending:
+            await self._flush()
+        return result
+
+    # ---- keys ----------------------------------------------------------------------------------
+
+    def _keys(
+        self, scopes: RequestScopes, now: float
+    ) -> tuple[list[str], list[tuple[str, str, int]]]:
+        assert self.state is not None
+        prefix = self.state.prefix
+        rate_keys = [
+            f"{prefix}r:{self.rate_limits[i].label}#{i}:{value}"
+            for i, value in rate_counters_for(self.rate_limits, scopes)
+        ]
+        budget_keys = []
+        for i, value in counters_for(self.budgets, scopes):
+            b = self.budgets[i]
+            label = self._book._labels[i]
+            start = window_start(b.window, now)
+            end = window_end(b.window, now)
+            tag = "total" if math.isinf(start) else str(int(start))
+            ttl = -1 if math.isinf(end) else int(end - now) + KEY_GRACE_S
+            budget_keys.append((f"{prefix}b:{label}:{value}:{tag}", label, ttl))
+        return rate_keys, budget_keys
+
+    # ---- pre-flight --------------------------------------------------------------------------
+
+    async def _shared_preflight(self, req: PreflightRequest) -> PreflightResult:
+        assert self.state is not None
+        now = self._now()
+        tokens = req.input_tokens + req.max_output_tokens
+        rate_keys, budget_keys = self._keys(req.scopes, now)
+        cost = req.cost_estimate_usd
+        member = f"{req.request_id}|{cost!r}|{tokens}"
+        args: list[Any] = [repr(now), member, repr(cost), tokens, len(rate_keys),
+                           self.settings.reservation_ttl_s]
+        for i, _ in rate_counters_for(self.rate_limits, req.scopes):
+            limit = self.rate_limits[i]
+            args += [-1 if limit.rpm is None else limit.rpm, -1 if limit.tpm is None else limit.tpm]
+        keys = list(rate_keys)
+        budget_ids = counters_for(self.budgets, req.scopes)
+        for (key, _label, ttl), (i, _v) in zip(budget_keys, budget_ids, strict=True):
+            b = self.budgets[i]
+            keys += [key, key + ":h"]
+            args += [-1 if b.max_cost_usd is None else b.max_cost_usd,
+                     -1 if b.max_tokens is None else b.max_tokens, ttl]
+        try:
+            reply = await self.state.run_script("reserve", keys, args)
+        except StateUnavailable as exc:
+            return self._unavailable(req, str(exc))
+        status = reply[0]
+        if status == "rate":
+            li, lvalue = rate_counters_for(self.rate_limits, req.scopes)[int(reply[1]) - 1]
+            limit = self.rate_limits[li]
+            cap = limit.rpm if reply[2] == "rpm" else limit.tpm
+            self._shared_refused += 1
+            refused = RateRefused(limit.label, limit.scope, lvalue, reply[2], int(cap or 0),
+                                  float(reply[3]), float(reply[4]))
+            return _rate_refusal(refused, now)
+        if status == "budget":
+            index = int(reply[1]) - 1
+            bi, value = budget_ids[index]
+            self._shared_refused += 1
+            return self._budget_refusal(bi, value, reply[2], float(reply[3]), float(reply[4]),
+                                        cost, tokens, now)
+        # admitted: soft landing from the shared fractions (before this request's hold)
+        views = []
+        for n, (bi, value) in enumerate(budget_ids):
+            b = self.budgets[bi]
+            used_cost, used_tokens = float(reply[1 + 2 * n]), float(reply[2 + 2 * n])
+            fraction = max(
+                used_cost / b.max_cost_usd if b.max_cost_usd else 0.0,
+                used_tokens / b.max_tokens if b.max_tokens else 0.0,
+            )
+            views.append(CounterView(CounterId(self._book._labels[bi], value), b, fraction,
+                                     fraction))
+        decision = soft_landing(views, req.scopes.model)
+        flat_keys = tuple(k for key, _l, _t in budget_keys for k in (key, key + ":h"))
+        self._held[req.request_id] = _Held(
+            member, tuple(rate_keys), flat_keys, tuple(t for _k, _l, t in budget_keys),
+            tokens, math.floor(now), req.scopes,
+        )
+        self._note_warning(decision, now)
+        return PreflightResult(
+            ok=True,
+            fraction=decision.fraction,
+            forecast_fraction=decision.forecast_fraction,
+            warn=decision.warn,
+            warning=decision.message,
+            downgrade=decision.downgrade,
+            downgrade_to=decision.downgrade_to,
+            reserved_usd=cost,
+        )
+
+    def _budget_refusal(
+        self, bi: int, value: str, dimension: str, spent: float, reserved: float,
+        cost: float, tokens: int, now: float,
+    ) -> PreflightResult:
+        b = self.budgets[bi]
+        cap = float((b.max_cost_usd if dimension == "cost" else b.max_tokens) or 0)
+        amount = cost if dimension == "cost" else float(tokens)
+        end = window_end(b.window, now)
+        if amount > cap or (spent + amount > cap and math.isinf(end)):
+            retry: float | None = None
+        elif spent + amount <= cap:
+            retry = 1.0  # only in-flight reservations are in the way
+        else:
+            retry = max(end - now, 1.0)
+        refused = Refused(
+            budget=self._book._labels[bi], scope=b.scope, value=value, dimension=dimension,
+            cap=cap, used=spent + reserved, resets_at=None if math.isinf(end) else end,
+            retry_after_s=retry,
+        )
+        return PreflightResult(
+            ok=False, kind="budget", scope=refused.description, message=refused.message,
+            retry_after_s=refused.retry_after_s, resets_at=refused.resets_at_iso,
+            fraction=min((spent + reserved) / cap, 1.0) if cap else 1.0, budget_exceeded=True,
+        )
+
+    def _unavailable(self, req: PreflightRequest, reason: str) -> PreflightResult:
+        if not self.fail_open:
+            self._unavailable_refusals += 1
+            return PreflightResult(
+                ok=False,
+                kind="unavailable",
+                message=f"{reason}; refusing paid requests (state.on_unavailable: fail_closed)",
+                retry_after_s=1.0,
+            )
+        self._degraded_calls += 1
+        result = self._preflight(req)  # the inherited local book and limiter
+        if result.ok:
+            self._local[req.request_id] = req.scopes
+        return attrs.evolve(result, degraded=True)
+
+    # ---- reconcile ---------------------------------------------------------------------------
+
+    async def _shared_reconcile(self, message: Reconcile) -> None:
+        now = self._now()
+        held = self._held.pop(message.request_id, None)
+        local_scopes = self._local.pop(message.request_id, None)
+        if held is None and local_scopes is None:
+            if message.scopes is None or (message.actual_cost_usd <= 0 and
+                                          message.actual_tokens <= 0):
+                return
+            # no pre-flight here (expired, or skipped): record the spend against the scopes
+            held = self._spend_only(message.scopes, now)
+        # the local book mirrors this instance's spend (fail_open falls back on it)
+        scopes = message.scopes or (held.scopes if held is not None else local_scopes)
+        await super().handle(attrs.evolve(message, scopes=scopes))
+        if local_scopes is not None:
+            held = self._spend_only(local_scopes, now)  # decided locally: push the spend only
+        assert held is not None
+        if not await self._push(held, message.actual_cost_usd, message.actual_tokens, now):
+            self._queue(held, message.actual_cost_usd, message.actual_tokens)
+
+    def _spend_only(self, scopes: RequestScopes, now: float) -> _Held:
+        _rate_keys, budget_keys = self._keys(scopes, now)
+        return _Held(
+            "", (), tuple(k for key, _l, _t in budget_keys for k in (key, key + ":h")),
+            tuple(t for _k, _l, t in budget_keys), 0, math.floor(now), scopes,
+        )
+
+    async def _push(self, held: _Held, cost: float, tokens: int, now: float) -> bool:
+        assert self.state is not None
+        keys = list(held.rate_keys) + list(held.budget_keys)
+        args: list[Any] = [repr(now), held.member, repr(cost), tokens, held.tokens, held.second,
+                           len(held.rate_keys), *held.ttls]
+        try:
+            await self.state.run_script("reconcile", keys, args)
+        except StateUnavailable:
+            return False
+        return True
+
+    def _queue(self, held: _Held, cost: float, tokens: int) -> None:
+        if len(self._pending) >= MAX_PENDING:
+            self._pending.popleft()
+            log.error("budget spend queue for redis is full; the oldest entry was dropped")
+        self._pending.append((held, cost, tokens))
+
+    async def _flush(self) -> None:
+        """Push the spend recorded while Redis was unreachable."""
+        if self.state is None or not self.state.up:
+            return
+        now = self._now()
+        while self._pending:
+            held, cost, tokens = self._pending[0]
+            if not await self._push(held, cost, tokens, now):
+                return
+            self._pending.popleft()
+            self._flushed += 1
+        log.info("budget spend caught up with redis (%d pushed so far)", self._flushed)
+
+    # ---- admin -------------------------------------------------------------------------------
+
+    async def _admin_rows(self) -> list[dict[str, Any]]:
+        """Local rows (this instance's view), each marked, plus the shared state's health."""
+        rows = self._book.admin(self._now())
+        for row in rows:
+            row["source"] = "local"
+        return rows
+
+    def state_summary(self) -> dict[str, Any]:
+        out = super().state_summary()
+        out.update({
+            "backend": "redis",
+            "on_unavailable": "fail_open" if self.fail_open else "fail_closed",
+            "shared_reservations": len(self._held),
+            "shared_refused": self._shared_refused,
+            "degraded_calls": self._degraded_calls,
+            "unavailable_refusals": self._unavailable_refusals,
+            "pending_spend": len(self._pending),
+            "pushed_after_outage": self._flushed,
+            "redis": None if self.state is None else attrs.asdict(self.state.health()),
+        })
+        return out
+

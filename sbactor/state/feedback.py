@@ -1,0 +1,153 @@
+"""SharedFeedbackStore: per-deployment outcome statistics shared through Redis.
+
+Each outcome (and each applied client feedback) is folded in locally, as before, and into the
+shared EWMAs by one atomic Lua script (``scripts.FEEDBACK_UPDATE``: decay, then update — the
+same arithmetic as ``sbactor.routing.stats``). Every ``state.local_cache_s`` the actor reads all
+shared statistics in one round trip and replaces its routing map with them, so an outcome seen
+by one instance moves routing on every other within that interval. Shared ``last_update`` is
+wall time; it is mapped onto this process's clock when read.
+
+Redis unavailable: routing goes on with the local statistics (outcomes are not queued: routing
+feedback is a hint, not an account).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+import trio
+
+from sbactor.actors.feedback_store import FeedbackStore, _check_feedback, _Feedback
+from sbactor.actors.runtime import Actor, ActorClosed
+from sbactor.routing.stats import DeploymentStats, Outcome
+from sbactor.state.client import StateClient, StateUnavailable
+
+log = logging.getLogger("sbactor.state.feedback")
+
+
+@attrs.frozen
+class _Refresh:
+    pass
+
+
+def stats_from_hash(fields: dict[str, str], age_s: float | None, now: float) -> DeploymentStats:
+    """A shared stats hash → ``DeploymentStats`` on the local clock (``age_s``: wall seconds
+    since its last update)."""
+
+    def opt(name: str) -> float | None:
+        value = fields.get(name)
+        return None if value in (None, "") else float(value)
+
+    return DeploymentStats(
+        samples=int(fields.get("samples", 0)),
+        successes=int(fields.get("successes", 0)),
+        refusals=int(fields.get("refusals", 0)),
+        feedback=int(fields.get("feedback", 0)),
+        ewma_cost=opt("ewma_cost"),
+        ewma_success=float(fields.get("ewma_success", 1.0)),
+        ewma_refusal=float(fields.get("ewma_refusal", 0.0)),
+        ewma_latency=opt("ewma_latency"),
+        last_update=None if age_s is None else now - max(age_s, 0.0),
+    )
+
+
+@attrs.define(eq=False)
+class SharedFeedbackStore(FeedbackStore):
+    state: StateClient | None = None
+    refresh_s: float = 1.0
+    wall: Callable[[], float] = time.time
+
+    _pushed: int = attrs.field(init=False, default=0)
+    _push_failures: int = attrs.field(init=False, default=0)
+    _refreshes: int = attrs.field(init=False, default=0)
+    _shared_deployments: int = attrs.field(init=False, default=0)
+
+    async def run(self, *, task_status: trio.TaskStatus[Actor] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._refresher)
+            await super().run(task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+    async def _refresher(self) -> None:
+        while True:
+            try:
+                self.cast_nowait(_Refresh())
+            except trio.WouldBlock:
+                pass
+            except ActorClosed:
+                return
+            await trio.sleep(max(self.refresh_s, 0.01))
+
+    async def handle(self, message: Any) -> Any:
+        if isinstance(message, Outcome):
+            self._record(message)
+            await self._push(message.deployment_id, "outcome", [
+                int(message.success), int(message.refused), repr(float(message.cost_usd)),
+                repr(float(message.latency_s)), 0,
+            ])
+            return None
+        if isinstance(message, _Feedback):
+            result = self._apply(message)
+            if result.status == "applied" and result.deployment_id is not None:
+                value = _check_feedback(message.outcome, message.score)
+                await self._push(result.deployment_id, "feedback", [0, 0, 0, 0, repr(value)])
+            return result
+        if isinstance(message, _Refresh):
+            await self._refresh()
+            return None
+        return await super().handle(message)
+
+    async def _push(self, deployment_id: str, kind: str, values: list[Any]) -> None:
+        if self.state is None:
+            return
+        s = self.settings
+        prefix = self.state.prefix
+        try:
+            await self.state.run_script(
+                "feedback_update",
+                [f"{prefix}fb:{deployment_id}", f"{prefix}fb:index"],
+                [deployment_id, repr(self.wall()), s.alpha, s.decay_s, kind, *values],
+            )
+        except StateUnavailable:
+            self._push_failures += 1
+            return
+        self._pushed += 1
+
+    async def _refresh(self) -> None:
+        if self.state is None:
+            return
+        prefix = self.state.prefix
+        try:
+            reply = await self.state.run_script("feedback_read", [f"{prefix}fb:index"],
+                                                [f"{prefix}fb:"])
+        except StateUnavailable:
+            return
+        now, wall = self.clock(), self.wall()
+        merged = dict(self._stats)
+        for i in range(0, len(reply), 2):
+            flat = reply[i + 1]
+            fields = dict(zip(flat[0::2], flat[1::2], strict=True))
+            if not fields:
+                continue
+            last = fields.get("last_update")
+            age = None if last is None else wall - float(last)
+            merged[reply[i]] = stats_from_hash(fields, age, now)
+        self._stats = MappingProxyType(merged)
+        self._refreshes += 1
+        self._shared_deployments = len(reply) // 2
+
+    def state_summary(self) -> dict[str, Any]:
+        out = super().state_summary()
+        out.update({
+            "backend": "redis",
+            "pushed": self._pushed,
+            "push_failures": self._push_failures,
+            "refreshes": self._refreshes,
+            "shared_deployments": self._shared_deployments,
+        })
+        return out
