@@ -36,7 +36,8 @@ def worker_config(config: Config, worker_id: int) -> Config:
             sink = attrs.evolve(sink, path=str(Path(sink.path) / f"worker-{worker_id}"))
         elif isinstance(sink, JsonlSinkConfig):
             p = Path(sink.path)
-            sink = attrs.evolve(sink, path=str(p.with_name(f"{p.stem}.worker-{worker_id}{p.suffix}")))
+            name = f"{p.stem}.worker-{worker_id}{p.suffix}"
+            sink = attrs.evolve(sink, path=str(p.with_name(name)))
         sinks.append(sink)
     return attrs.evolve(config, usage_sinks=sinks)
 

@@ -195,7 +195,7 @@ class BudgetTracker(Actor):
         message = Reconcile(request_id, actual_cost_usd, actual_tokens, scopes)
         with trio.move_on_after(self.reconcile_timeout_s, shield=True) as scope:
             try:
-                await self.cast(message)
+                await self.post(message)
             except ActorClosed:
                 return
         if scope.cancelled_caught:

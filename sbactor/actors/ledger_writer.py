@@ -144,7 +144,7 @@ class LedgerWriter(Actor):
             raise LedgerUnavailable(f"usage ledger unavailable: {self._failed}")
         try:
             if self.durability != "strict":
-                await self.cast(Append(event))
+                await self.post(Append(event))
                 return
             result = await self.call(Append(event, strict=True), timeout=self.strict_timeout_s)
         except ActorClosed as exc:

@@ -130,6 +130,14 @@ class Actor:
             raise ActorClosed(f"actor {self.name} is not accepting messages") from None
         self._note_depth()
 
+    async def post(self, message: Any) -> None:
+        """``cast`` that does not yield when there is room, so the sender's own work (sending a
+        response) runs before the actor's; it still waits for room when the mailbox is full."""
+        try:
+            self.cast_nowait(message)
+        except trio.WouldBlock:
+            await self.cast(message)
+
     def cast_nowait(self, message: Any) -> None:
         """Like ``cast`` but raises ``trio.WouldBlock`` when the mailbox is full."""
         try:

@@ -15,7 +15,13 @@ from typing import Any
 import attrs
 
 from sbactor.ledger.chain import PublicKey, SigningKey
-from sbactor.ledger.verify import LedgerOperationalError, Progress, VerifyReport, verify
+from sbactor.ledger.verify import (
+    LedgerOperationalError,
+    Progress,
+    VerifyReport,
+    chain_dirs,
+    verify,
+)
 
 EXIT_OK, EXIT_BROKEN, EXIT_ERROR = 0, 1, 2
 
@@ -76,6 +82,9 @@ def run_verify(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _error(str(exc))
     show = not args.no_progress and args.format == "text" and sys.stderr.isatty()
+    chains = chain_dirs(args.path)
+    if chains:
+        return _verify_chains(args, chains, key)
     try:
         report = verify(args.path, public_key=key, checkpoints=args.checkpoints,
                         progress=_progress_printer() if show else None)
@@ -86,6 +95,28 @@ def run_verify(args: argparse.Namespace) -> int:
     else:
         print(_text(report, key))
     return EXIT_OK if report.ok else EXIT_BROKEN
+
+
+def _verify_chains(args: argparse.Namespace, chains: list[Any], key: PublicKey | None) -> int:
+    """A directory of chains (one per writer, e.g. ``worker-0/``): verify each, report each."""
+    if args.checkpoints:
+        return _error("--checkpoints names one chain's file; with several chains each uses its own")
+    try:
+        reports = [verify(chain, public_key=key) for chain in chains]
+    except LedgerOperationalError as exc:
+        return _error(str(exc))
+    ok = all(r.ok for r in reports)
+    if args.format == "json":
+        print(json.dumps({"path": args.path, "ok": ok,
+                          "entries": sum(r.entries for r in reports),
+                          "chains": [attrs.asdict(r) for r in reports]}, sort_keys=True))
+    else:
+        good = sum(r.ok for r in reports)
+        print(f"{'OK' if ok else 'BROKEN'}: {args.path}: {len(reports)} chain(s), {good} valid,"
+              f" {sum(r.entries for r in reports)} entries")
+        for report in reports:
+            print("\n".join("  " + line for line in _text(report, key).splitlines()))
+    return EXIT_OK if ok else EXIT_BROKEN
 
 
 def _text(report: VerifyReport, key: PublicKey | None) -> str:

@@ -164,6 +164,16 @@ def _resolve(path: Path, checkpoints: Path | None) -> tuple[list[Path], Path | N
     return segments, beside if beside.is_file() else None
 
 
+def chain_dirs(path: Path | str) -> list[Path]:
+    """The chains under a ledger directory written by several writers (``worker-<id>/``, one
+    chain per writer): its subdirectories holding segments, sorted. Empty when ``path`` is itself
+    a chain (or not a directory)."""
+    path = Path(path)
+    if not path.is_dir() or list_segments(path):
+        return []
+    return sorted(d for d in path.iterdir() if d.is_dir() and list_segments(d))
+
+
 def _explicit(checkpoints: Path | None) -> Path | None:
     if checkpoints is not None and not checkpoints.is_file():
         raise LedgerOperationalError(f"{checkpoints}: checkpoint file not found")

@@ -275,6 +275,11 @@ async def open_stream(
         )
         ctx.upstream_s += time.perf_counter() - t0
         failure = attempt.failure
+        if (failure is not None and failure.cls is FailureClass.CONTENT_POLICY
+                and attempt.chunks is not None and failure.status is None):
+            # an in-band refusal of a 200 stream: usable as is (like the JSON path) when no
+            # content-policy fallback is left, instead of a 400
+            failure = attrs.evolve(failure, status=200)
         _record(gateway, ctx, planner, step, candidate, failure)
         if failure is None:
             _switch_model(gateway, ctx, step.model)

@@ -57,7 +57,7 @@ class JsonlSink(Actor):
             self._file.close()
 
     async def record(self, event: Mapping[str, Any]) -> None:
-        await self.cast(event)
+        await self.post(event)
 
     def admission(self) -> str | None:
         return self._failure

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -60,12 +61,19 @@ def _two_on_one(upstream: MockUpstream, strategy: str, **sections: Any) -> dict[
     return cfg
 
 
+async def _eventually(predicate: Callable[[], object]) -> None:
+    """Poll state owned by another task (an actor) until it holds; bounded."""
+    with trio.fail_after(10):
+        while True:
+            if predicate():
+                return
+            await trio.sleep(0.001)
+
+
 async def _outcomes(gw: RunningGateway, count: int) -> None:
     """Wait until the FeedbackStore has folded in ``count`` outcomes (they arrive by cast)."""
     store = gw.gateway.feedback
-    with trio.fail_after(10):
-        while store.state_summary()["outcomes"] < count:
-            await trio.sleep(0.001)
+    await _eventually(lambda: store.state_summary()["outcomes"] >= count)
 
 
 async def _serve(gw: RunningGateway, n: int, content: str = "hello", *, model: str = "m",
@@ -103,10 +111,12 @@ def _upstream_models(upstream: MockUpstream, since: int = 0) -> list[str]:
 
 
 async def _lines(path: Path, want: int) -> list[dict[str, Any]]:
+    """The first ``want`` lines of a jsonl sink (it writes in batches: poll until there)."""
+    file = trio.Path(path)
     with trio.fail_after(10):
         while True:
-            if path.exists():
-                lines = [orjson.loads(x) for x in path.read_bytes().splitlines()]
+            if await file.exists():
+                lines = [orjson.loads(x) for x in (await file.read_bytes()).splitlines()]
                 if len(lines) >= want:
                     return lines
             await trio.sleep(0.01)
@@ -232,6 +242,29 @@ async def test_outcome_aware_recovers_when_the_bad_deployment_heals(
     assert deps["m/up/0"]["score"] < deps["m/up/1"]["score"]
 
 
+async def test_streamed_requests_teach_the_router_too(
+    start_gateway: StartGateway, mock_upstream: MockUpstream
+) -> None:
+    gw = await start_gateway(mock_config(mock_upstream))
+    finish_reasons = []
+    for content in ("stream me", "stream me [mock:content_filter]"):
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": content}]}
+        with trio.fail_after(10):
+            async with gw.client.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                lines = [x async for x in r.aiter_lines() if x.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        chunks = [orjson.loads(x[6:]) for x in lines[:-1]]
+        finish_reasons += [c["choices"][0]["finish_reason"] for c in chunks
+                           if c["choices"] and c["choices"][0].get("finish_reason")]
+    # no content-policy fallback: the provider's refusal is served as is, as on the JSON path
+    assert finish_reasons == ["stop", "content_filter"]
+    await _outcomes(gw, 2)
+    dep = _deps(await _routing(gw))["m/up/0"]
+    assert (dep["samples"], dep["successes"], dep["refusals"]) == (2, 1, 1)
+    assert dep["ewma_cost_usd"] > 0
+
+
 # ---- verified feedback -------------------------------------------------------------------------
 
 
@@ -303,9 +336,7 @@ async def test_feedback_moves_success_rate_and_is_recorded(
     assert ledger is not None
     await gw.client.aclose()
     await gw.stop()
-    with trio.fail_after(10):
-        while ledger.statistics().running:
-            await trio.sleep(0.01)
+    await _eventually(lambda: not ledger.statistics().running)
     events = await _lines(gw.data_dir / "usage.jsonl", 4)
     feedback = [e for e in events if e["kind"] == "feedback"]
     assert [e["feedback"]["request_id"] for e in feedback] == ["served-1", "served-2"]
@@ -427,7 +458,7 @@ async def test_admin_routing_needs_the_admin_key(
     assert r.status_code == 200 and r.json()["models"][0]["model"] == "m"
 
 
-# ---- the demo config and the example ---------------------------------------------------------------
+# ---- the demo config and the example --------------------------------------------------------
 
 
 async def test_demo_config_learns_across_two_mock_providers(
