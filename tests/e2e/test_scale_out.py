@@ -112,9 +112,9 @@ def test_config_rules() -> None:
     cfg = parse_config({**base, "state": {"backend": "redis", "url": "redis://h:1/0",
                                           "on_unavailable": "fail_open"}}, env={})
     assert cfg.state.backend == "redis" and cfg.state.on_unavailable == "fail_open"
-    with pytest.raises(ConfigError, match="server.workers"):
+    with pytest.raises(ConfigError, match=r"server\.workers"):
         parse_config({**base, "server": {"workers": 2}}, env={})
-    with pytest.raises(ConfigError, match=r"state.url"):
+    with pytest.raises(ConfigError, match=r"state\.url"):
         parse_config({**base, "state": {"backend": "redis", "url": "http://x"}}, env={})
     with pytest.raises(ConfigError, match=r"budgets\[0\].rolling"):
         parse_config({**base, "state": {"backend": "redis"},

@@ -209,15 +209,15 @@ async def test_statistics_track_depth_peak_processed_errors(nursery: trio.Nurser
 
     assert actor.gate is not None
     actor.gate.set()
-    await actor.call("sync")  # everything before it has been handled
+    await trio.testing.wait_all_tasks_blocked()  # the actor drained its mailbox
     stats = actor.statistics()
     assert stats.depth == 0
     assert stats.peak_depth == 4  # the peak is remembered
-    assert stats.processed == 5  # first, a, b, c, sync; the failed one does not count
+    assert stats.processed == 4  # first, a, b, c; the failed one does not count
     assert stats.errors == 1
     assert stats.last_error == "ValueError: boom"
     assert stats.restarts == 1
-    assert stats.state == {"seen": 5}
+    assert stats.state == {"seen": 4}
     assert stats.uptime_s >= 0.0
 
 
@@ -415,3 +415,26 @@ async def test_failing_batch_answers_every_caller_with_an_error(nursery: trio.Nu
     assert stats.errors == 1
     assert stats.restarts == 1
     assert stats.running
+
+
+async def test_post_does_not_yield_with_room_and_waits_when_full(nursery: trio.Nursery) -> None:
+    actor = Recorder(name="r", capacity=1, gate=trio.Event())
+    await start(nursery, actor)
+    with trio.testing.assert_no_checkpoints():
+        await actor.post(1)  # room: enqueued without a checkpoint
+    await trio.testing.wait_all_tasks_blocked()  # the actor took 1 and waits on the gate
+    await actor.post(2)
+    posted = trio.Event()
+
+    async def poster() -> None:
+        await actor.post(3)
+        posted.set()
+
+    nursery.start_soon(poster)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not posted.is_set()  # full: backpressure like cast
+    assert actor.gate is not None
+    actor.gate.set()
+    await posted.wait()
+    await actor.stop()
+    assert actor.seen == [1, 2, 3]
