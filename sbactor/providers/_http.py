@@ -1,5 +1,6 @@
-"""The shared HTTP shell of the HTTP providers: one pooled httpx2 client per provider, transport
-errors mapped to ``UpstreamError`` with a readable message, SSE reading with break detection."""
+"""The shared HTTP shell of the HTTP providers: one connection pool per provider (``_wire``),
+transport errors mapped to ``UpstreamError`` with a readable message, SSE reading with break
+detection."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx2
 import orjson
 import trio
 
+from sbactor.providers import _wire
 from sbactor.providers.base import (
     ProviderStatistics,
     UpstreamConnectionError,
@@ -36,119 +37,122 @@ def resolve_api_key(api_key: str | None, api_key_env: str | None) -> str | None:
 class HttpShell:
     """Owns the client and the counters; knows nothing about the upstream's dialect."""
 
-    def __init__(self, *, name: str, kind: str, base_url: str, headers: Mapping[str, str],
-                 timeout_s: float, connect_timeout_s: float, max_connections: int) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        kind: str,
+        base_url: str,
+        headers: Mapping[str, str],
+        timeout_s: float,
+        connect_timeout_s: float,
+        max_connections: int,
+    ) -> None:
         self.name = name
         self.kind = kind
         self.base_url = base_url.rstrip("/")
-        self.host = httpx2.URL(self.base_url).netloc.decode("ascii", "replace")
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_connections = max_connections
-        self.client = httpx2.AsyncClient(
+        self.pool = _wire.WirePool(
+            self.base_url,
             headers={"content-type": "application/json", **headers},
-            timeout=httpx2.Timeout(timeout_s, connect=connect_timeout_s),
-            limits=httpx2.Limits(max_connections=max_connections,
-                                 max_keepalive_connections=max_connections),
-            trust_env=False,
+            max_connections=max_connections,
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=timeout_s,
         )
+        self.host = self.pool.origin.netloc
         self.requests = 0
         self.in_flight = 0
         self.transport_errors = 0
         self.error_responses = 0
 
     def statistics(self) -> ProviderStatistics:
-        return ProviderStatistics(name=self.name, type=self.kind, requests=self.requests,
-                                  in_flight=self.in_flight,
-                                  transport_errors=self.transport_errors,
-                                  error_responses=self.error_responses)
+        return ProviderStatistics(
+            name=self.name,
+            type=self.kind,
+            requests=self.requests,
+            in_flight=self.in_flight,
+            transport_errors=self.transport_errors,
+            error_responses=self.error_responses,
+        )
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.pool.aclose()
 
-    def wrap(self, exc: httpx2.HTTPError, *, streaming: bool = False) -> UpstreamError:
-        """Translate an httpx2 exception into our error with host + what happened."""
+    def wrap(self, exc: _wire.WireError, *, streaming: bool = False) -> UpstreamError:
+        """Translate a transport error into ours, naming the provider and its host."""
         self.transport_errors += 1
         who = f"provider {self.name!r} ({self.host})"
-        if isinstance(exc, httpx2.ConnectTimeout):
-            return UpstreamTimeout(f"{who}: timed out connecting after {self.connect_timeout_s}s")
-        if isinstance(exc, httpx2.PoolTimeout):
-            return UpstreamTimeout(f"{who}: no free connection within {self.timeout_s}s "
-                                   f"(pool of {self.max_connections} busy)")
-        if isinstance(exc, httpx2.TimeoutException):
-            what = "sending the request" if isinstance(exc, httpx2.WriteTimeout) else (
-                "the next stream bytes" if streaming else "the response")
+        if isinstance(exc, _wire.WireConnectTimeout | _wire.WirePoolTimeout):
+            return UpstreamTimeout(f"{who}: {exc}")
+        if isinstance(exc, _wire.WireReadTimeout):
+            what = "the next stream bytes" if streaming else "the response"
             cls = UpstreamStreamTimeout if streaming else UpstreamTimeout
             return cls(f"{who}: timed out waiting for {what} after {self.timeout_s}s")
         if streaming:
-            return UpstreamStreamBroken(f"{who}: stream broke: {exc or type(exc).__name__}")
-        if isinstance(exc, httpx2.ConnectError):
-            return UpstreamConnectionError(f"{who}: cannot connect: {exc or 'connection refused'}")
-        return UpstreamConnectionError(f"{who}: {type(exc).__name__}: {exc or 'connection failed'}")
+            return UpstreamStreamBroken(f"{who}: stream broke: {exc}")
+        return UpstreamConnectionError(f"{who}: {exc}")
 
-    def _request(self, path: str, body: Mapping[str, Any],
-                 headers: Mapping[str, str] | None) -> httpx2.Request:
-        return self.client.build_request("POST", self.base_url + path, content=orjson.dumps(body),
-                                         headers=headers)
-
-    async def post_json(self, path: str, body: Mapping[str, Any],
-                        headers: Mapping[str, str] | None = None) -> UpstreamResponse:
+    async def post_json(
+        self, path: str, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+    ) -> UpstreamResponse:
         self.requests += 1
         self.in_flight += 1
         start = trio.current_time()
         try:
-            resp = await self.client.send(self._request(path, body, headers))
-        except httpx2.HTTPError as exc:
+            async with self.pool.post(path, orjson.dumps(body), headers) as resp:
+                raw = await resp.read()
+        except _wire.WireError as exc:
             raise self.wrap(exc) from exc
         finally:
             self.in_flight -= 1
-        if resp.status_code >= 400:
+        if resp.status >= 400:
             self.error_responses += 1
-        return UpstreamResponse(status=resp.status_code, headers=dict(resp.headers.items()),
-                                body=resp.content, json=parse_json(resp.content),
-                                latency_s=trio.current_time() - start)
+        return UpstreamResponse(
+            status=resp.status,
+            headers=resp.headers,
+            body=raw,
+            json=parse_json(raw),
+            latency_s=trio.current_time() - start,
+        )
 
     @asynccontextmanager
-    async def open_stream(self, path: str, body: Mapping[str, Any],
-                          headers: Mapping[str, str] | None = None
-                          ) -> AsyncIterator[tuple[httpx2.Response, UpstreamResponse | None]]:
+    async def open_stream(
+        self, path: str, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[tuple[_wire.WireResponse, UpstreamResponse | None]]:
         """Yield (response, error); error is the fully read non-2xx answer, if any."""
         self.requests += 1
         self.in_flight += 1
         start = trio.current_time()
         try:
-            try:
-                resp = await self.client.send(self._request(path, body, headers), stream=True)
-            except httpx2.HTTPError as exc:
-                raise self.wrap(exc) from exc
-            try:
+            async with self.pool.post(path, orjson.dumps(body), headers) as resp:
                 error = None
-                if resp.status_code >= 300:
+                if resp.status >= 300:
                     self.error_responses += 1
-                    try:
-                        raw = await resp.aread()
-                    except httpx2.HTTPError as exc:
-                        raise self.wrap(exc) from exc
-                    error = UpstreamResponse(status=resp.status_code,
-                                             headers=dict(resp.headers.items()), body=raw,
-                                             json=parse_json(raw),
-                                             latency_s=trio.current_time() - start)
+                    raw = await resp.read()
+                    error = UpstreamResponse(
+                        status=resp.status,
+                        headers=resp.headers,
+                        body=raw,
+                        json=parse_json(raw),
+                        latency_s=trio.current_time() - start,
+                    )
                 yield resp, error
-            finally:
-                with trio.move_on_after(5, shield=True):
-                    await resp.aclose()
+        except _wire.WireError as exc:
+            raise self.wrap(exc) from exc
         finally:
             self.in_flight -= 1
 
-    async def iter_sse(self, resp: httpx2.Response) -> AsyncIterator[SSEEvent]:
+    async def iter_sse(self, resp: _wire.WireResponse) -> AsyncIterator[SSEEvent]:
         """SSE events of a response; transport failures become ``UpstreamStreamBroken``."""
         decoder = SSEDecoder()
         try:
-            async for line in resp.aiter_lines():
+            async for line in resp.iter_lines():
                 event = decoder.feed(line)
                 if event is not None:
                     yield event
-        except httpx2.HTTPError as exc:
+        except _wire.WireError as exc:
             raise self.wrap(exc, streaming=True) from exc
         tail = decoder.flush()
         if tail is not None:

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx2
 import orjson
 
 from sbactor.providers._http import HttpShell, resolve_api_key
+from sbactor.providers._wire import WireResponse
 from sbactor.providers.anthropic_translate import (
     AnthropicStreamError,
     StreamTranslator,
@@ -43,9 +43,9 @@ def _translated(resp: UpstreamResponse) -> UpstreamResponse:
 
 
 class AnthropicStream(UpstreamStream):
-    def __init__(self, shell: HttpShell, resp: httpx2.Response, error: UpstreamResponse | None,
+    def __init__(self, shell: HttpShell, resp: WireResponse, error: UpstreamResponse | None,
                  include_usage: bool) -> None:
-        super().__init__(resp.status_code, dict(resp.headers.items()),
+        super().__init__(resp.status, dict(resp.headers.items()),
                          _translated(error) if error is not None else None)
         self._shell = shell
         self._resp = resp

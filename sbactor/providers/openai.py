@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx2
 import orjson
 
 from sbactor.providers._http import HttpShell, resolve_api_key
+from sbactor.providers._wire import WireResponse
 from sbactor.providers.base import (
     ProviderStatistics,
     UpstreamResponse,
@@ -20,9 +20,9 @@ from sbactor.providers.config import OpenAIProviderConfig
 
 
 class OpenAIStream(UpstreamStream):
-    def __init__(self, shell: HttpShell, resp: httpx2.Response,
+    def __init__(self, shell: HttpShell, resp: WireResponse,
                  error: UpstreamResponse | None) -> None:
-        super().__init__(resp.status_code, dict(resp.headers.items()), error)
+        super().__init__(resp.status, dict(resp.headers.items()), error)
         self._shell = shell
         self._resp = resp
 
