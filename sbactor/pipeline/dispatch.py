@@ -44,13 +44,15 @@ class Served:
 
 @attrs.define(eq=False)
 class OpenStream:
-    """An upstream stream that has produced its first content: ``first`` goes to the client."""
+    """An upstream stream that has produced its first content: ``first`` goes to the client,
+    then the rest of ``batches`` (chunks grouped by what arrived together)."""
 
     stack: contextlib.AsyncExitStack
-    chunks: AsyncIterator[dict[str, Any]]
+    batches: AsyncIterator[list[dict[str, Any]]]
     first: list[dict[str, Any]]
     candidate: Candidate
     ended: bool = False  # the upstream already finished while we read ``first``
+    failure: Failure | None = None  # it already failed, after ``first`` (end with an error)
 
 
 def make_planner(gateway: Gateway, ctx: RequestContext) -> AttemptPlanner:
@@ -182,15 +184,18 @@ class _StreamAttempt:
     """One upstream stream read up to its first byte of answer (or its failure)."""
 
     stack: contextlib.AsyncExitStack
-    chunks: AsyncIterator[dict[str, Any]] | None = None
+    batches: AsyncIterator[list[dict[str, Any]]] | None = None
     seen: list[dict[str, Any]] = attrs.field(factory=list)  # everything read so far
     released: list[dict[str, Any]] = attrs.field(factory=list)  # what the client may get
     ended: bool = False
-    failure: Failure | None = None
+    failure: Failure | None = None  # before the first content: fail over
+    late_failure: Failure | None = None  # after it, in the same read: end the stream
 
     def opened(self, candidate: Candidate, chunks: list[dict[str, Any]]) -> OpenStream:
-        assert self.chunks is not None
-        return OpenStream(self.stack, self.chunks, chunks, candidate, self.ended)
+        assert self.batches is not None
+        return OpenStream(
+            self.stack, self.batches, chunks, candidate, self.ended, self.late_failure
+        )
 
 
 async def _attempt_stream(
@@ -213,11 +218,11 @@ async def _attempt_stream(
                     FailureClass.UNKNOWN, err.status, "stream failed"
                 )
                 return attempt
-            attempt.chunks = stream.chunks()
-            while not attempt.released:
+            attempt.batches = stream.chunk_batches()
+            while not guard.committed:
                 with trio.fail_after(idle_s):
-                    chunk = await anext(attempt.chunks, None)
-                if chunk is None:
+                    batch = await next_batch(attempt.batches)
+                if batch is None:
                     attempt.ended = True
                     attempt.released = [dict(c) for c in guard.finish()]
                     if not attempt.released:
@@ -225,10 +230,17 @@ async def _attempt_stream(
                             FailureClass.SERVER_ERROR, None, "upstream stream was empty"
                         )
                     break
-                attempt.seen.append(chunk)
-                released, attempt.failure = guard.feed(chunk)
-                attempt.released = [dict(c) for c in released]
-                if attempt.failure is not None:
+                for chunk in batch:
+                    attempt.seen.append(chunk)
+                    released, failure = guard.feed(chunk)
+                    attempt.released.extend(dict(c) for c in released)
+                    if failure is not None:
+                        if attempt.released:
+                            attempt.late_failure = failure
+                        else:
+                            attempt.failure = failure
+                        break
+                if attempt.failure is not None or attempt.late_failure is not None:
                     break
     except trio.TooSlowError:
         attempt.failure = Failure(
@@ -237,6 +249,15 @@ async def _attempt_stream(
     except UpstreamError as exc:
         attempt.failure = classify_exception(exc)
     return attempt
+
+
+async def next_batch(
+    batches: AsyncIterator[list[dict[str, Any]]],
+) -> list[dict[str, Any]] | None:
+    try:
+        return await anext(batches)
+    except StopAsyncIteration:
+        return None
 
 
 async def open_stream(
@@ -276,7 +297,7 @@ async def open_stream(
         ctx.upstream_s += time.perf_counter() - t0
         failure = attempt.failure
         if (failure is not None and failure.cls is FailureClass.CONTENT_POLICY
-                and attempt.chunks is not None and failure.status is None):
+                and attempt.batches is not None and failure.status is None):
             # an in-band refusal of a 200 stream: usable as is (like the JSON path) when no
             # content-policy fallback is left, instead of a 400
             failure = attrs.evolve(failure, status=200)
@@ -287,7 +308,7 @@ async def open_stream(
                 ctx.body = {**ctx.body, "messages": [dict(m) for m in step.messages]}
             ctx.tags.extend(t for t in planner.tags if t not in ctx.tags)
             return attempt.opened(candidate, attempt.released)
-        if failure.cls is FailureClass.CONTENT_POLICY and attempt.chunks is not None:
+        if failure.cls is FailureClass.CONTENT_POLICY and attempt.batches is not None:
             # the provider's own refusal: served as is if no content-policy fallback is left
             _switch_model(gateway, ctx, step.model)
             refusal = (len(planner.attempts) - 1, attempt.opened(candidate, attempt.seen))

@@ -18,7 +18,7 @@ import trio
 
 from sbactor.gateway import Gateway
 from sbactor.pipeline.context import RequestContext
-from sbactor.pipeline.dispatch import OpenStream
+from sbactor.pipeline.dispatch import OpenStream, next_batch
 from sbactor.pipeline.events import finish, usage_numbers
 from sbactor.providers.base import UpstreamError
 from sbactor.resilience.compress import estimate_tokens
@@ -59,6 +59,16 @@ class _Tally:
                 self.finish_reason = reason
 
 
+def _relay(ctx: RequestContext, tally: _Tally, chunks: list[dict[str, Any]]) -> bytes:
+    out = []
+    for chunk in chunks:
+        tally.see(chunk)
+        shown = _for_client(ctx, chunk)
+        if shown is not None:
+            out.append(sse(shown))
+    return b"".join(out)
+
+
 def _for_client(ctx: RequestContext, chunk: dict[str, Any]) -> dict[str, Any] | None:
     """The chunk as the client should see it: our model name; usage only if it asked."""
     out = dict(chunk)
@@ -80,29 +90,27 @@ async def stream_response(
     completed = False
     upstream_t0 = time.perf_counter()
     try:
-        for chunk in opened.first:
-            tally.see(chunk)
-            out = _for_client(ctx, chunk)
-            if out is not None:
-                yield sse(out)
+        first = _relay(ctx, tally, opened.first)
+        if first:
+            yield first
+        failure = opened.failure
         completed = opened.ended
-        while not completed:
+        while not completed and failure is None:
             try:
                 with trio.fail_after(idle):
-                    next_chunk = await _next(opened.chunks)
+                    batch = await next_batch(opened.batches)
             except trio.TooSlowError:
                 failure = Failure(FailureClass.TIMEOUT, None, f"no chunk for {idle:.0f}s")
                 break
             except UpstreamError as exc:
                 failure = classify_exception(exc)
                 break
-            if next_chunk is None:
+            if batch is None:
                 completed = True
                 break
-            tally.see(next_chunk)
-            out = _for_client(ctx, next_chunk)
-            if out is not None:
-                yield sse(out)
+            data = _relay(ctx, tally, batch)
+            if data:
+                yield data  # one write for everything that arrived together
         ctx.upstream_s += time.perf_counter() - upstream_t0
         await _close(opened)
         await _finish_stream(gateway, ctx, opened, tally, failure=failure)
@@ -123,13 +131,6 @@ async def stream_response(
                 await _finish_stream(
                     gateway, ctx, opened, tally, failure=failure, disconnected=not completed
                 )
-
-
-async def _next(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
-    try:
-        return await anext(chunks)
-    except StopAsyncIteration:
-        return None
 
 
 async def _close(opened: OpenStream) -> None:

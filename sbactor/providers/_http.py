@@ -146,14 +146,20 @@ class HttpShell:
 
     async def iter_sse(self, resp: _wire.WireResponse) -> AsyncIterator[SSEEvent]:
         """SSE events of a response; transport failures become ``UpstreamStreamBroken``."""
+        async for batch in self.iter_sse_batches(resp):
+            for event in batch:
+                yield event
+
+    async def iter_sse_batches(self, resp: _wire.WireResponse) -> AsyncIterator[list[SSEEvent]]:
+        """SSE events grouped by the network read that completed them."""
         decoder = SSEDecoder()
         try:
-            async for line in resp.iter_lines():
-                event = decoder.feed(line)
-                if event is not None:
-                    yield event
+            async for lines in resp.iter_line_batches():
+                events = [e for e in map(decoder.feed, lines) if e is not None]
+                if events:
+                    yield events
         except _wire.WireError as exc:
             raise self.wrap(exc, streaming=True) from exc
         tail = decoder.flush()
         if tail is not None:
-            yield tail
+            yield [tail]

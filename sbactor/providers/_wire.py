@@ -105,18 +105,27 @@ class WireResponse:
 
     async def iter_lines(self) -> AsyncIterator[str]:
         """Body lines without their ending (``\\n``, ``\\r\\n`` or ``\\r``), for SSE."""
+        async for batch in self.iter_line_batches():
+            for line in batch:
+                yield line
+
+    async def iter_line_batches(self) -> AsyncIterator[list[str]]:
+        """Complete lines grouped by the network read that completed them."""
         pending = ""
         async for piece in self.iter_bytes():
             pending += piece.decode("utf-8", "replace")
             lines = pending.splitlines(keepends=True)
             pending = ""
+            batch = []
             for line in lines:
                 if line.endswith(("\n", "\r")):
-                    yield line.rstrip("\r\n")
+                    batch.append(line.rstrip("\r\n"))
                 else:
                     pending = line
+            if batch:
+                yield batch
         if pending:
-            yield pending
+            yield [pending]
 
 
 class WirePool:

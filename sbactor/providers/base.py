@@ -94,6 +94,12 @@ class UpstreamStream:
         """Parsed ``chat.completion.chunk`` dicts; raises ``UpstreamStreamBroken`` on a cut."""
         raise NotImplementedError
 
+    async def chunk_batches(self) -> AsyncIterator[list[dict[str, Any]]]:
+        """The same chunks, grouped by what arrived together, so the relay can forward a group
+        with one write. Providers that read from a network override this."""
+        async for chunk in self.chunks():
+            yield [chunk]
+
 
 @attrs.frozen
 class ProviderStatistics:

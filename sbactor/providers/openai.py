@@ -27,25 +27,37 @@ class OpenAIStream(UpstreamStream):
         self._resp = resp
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        async for batch in self.chunk_batches():
+            for chunk in batch:
+                yield chunk
+
+    async def chunk_batches(self) -> AsyncIterator[list[dict[str, Any]]]:
         if self.error is not None:
             return
-        async for event in self._shell.iter_sse(self._resp):
-            data = event.data.strip()
-            if data == "[DONE]":
-                return
-            if not data:
-                continue
-            try:
-                chunk = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                raise UpstreamStreamBroken(
-                    f"provider {self._shell.name!r} ({self._shell.host}): "
-                    f"invalid JSON in stream: {data[:120]!r}") from None
-            if isinstance(chunk, dict):
-                yield chunk
+        async for events in self._shell.iter_sse_batches(self._resp):
+            batch: list[dict[str, Any]] = []
+            for event in events:
+                data = event.data.strip()
+                if data == "[DONE]":
+                    if batch:
+                        yield batch
+                    return
+                if not data:
+                    continue
+                try:
+                    chunk = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise UpstreamStreamBroken(
+                        f"provider {self._shell.name!r} ({self._shell.host}): "
+                        f"invalid JSON in stream: {data[:120]!r}"
+                    ) from None
+                if isinstance(chunk, dict):
+                    batch.append(chunk)
+            if batch:
+                yield batch
         raise UpstreamStreamBroken(
-            f"provider {self._shell.name!r} ({self._shell.host}): "
-            "stream ended before [DONE]")
+            f"provider {self._shell.name!r} ({self._shell.host}): stream ended before [DONE]"
+        )
 
 
 class OpenAIProvider:
