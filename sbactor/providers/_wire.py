@@ -100,6 +100,13 @@ class WireResponse:
             else:
                 raise WireProtocolError(f"unexpected {type(event).__name__} in the body")
 
+    async def drain(self, timeout_s: float = 1.0) -> None:
+        """Read what is left of a body we are done with (the end of an SSE stream after
+        ``[DONE]``), so the connection can be reused instead of closed."""
+        with trio.move_on_after(timeout_s):
+            async for _ in self.iter_bytes():
+                pass
+
     async def read(self) -> bytes:
         return b"".join([piece async for piece in self.iter_bytes()])
 

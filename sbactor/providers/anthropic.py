@@ -70,6 +70,10 @@ class AnthropicStream(UpstreamStream):
             for chunk in out:
                 yield chunk
             if self._translator.done:
+                try:
+                    await self._resp.drain()  # lets the connection be reused
+                except Exception:
+                    pass
                 return
         raise UpstreamStreamBroken(f"{who}: stream ended before message_stop")
 

@@ -31,6 +31,12 @@ class OpenAIStream(UpstreamStream):
             for chunk in batch:
                 yield chunk
 
+    async def _drain(self) -> None:
+        try:
+            await self._resp.drain()
+        except Exception:
+            pass
+
     async def chunk_batches(self) -> AsyncIterator[list[dict[str, Any]]]:
         if self.error is not None:
             return
@@ -41,6 +47,7 @@ class OpenAIStream(UpstreamStream):
                 if data == "[DONE]":
                     if batch:
                         yield batch
+                    await self._drain()
                     return
                 if not data:
                     continue
