@@ -118,6 +118,7 @@ class LedgerWriter(Actor):
         return cls(
             name=name, capacity=cfg.mailbox, supervision=Supervision.ESCALATE,
             batch_size=cfg.batch_size, directory=directory, signer=signer, on_full=cfg.on_full,
+            batch_window_s=cfg.batch_window_ms / 1000 if cfg.durability == "batch" else 0.0,
             fsync=cfg.fsync, durability=cfg.durability, checkpoint_every=cfg.checkpoint_every,
             checkpoint_interval_s=cfg.checkpoint_interval_s,
             segment_max_bytes=cfg.segment_max_bytes, dedup_capacity=cfg.dedup_capacity,

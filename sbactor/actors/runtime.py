@@ -80,6 +80,7 @@ class Actor:
     capacity: int = 1024
     supervision: Supervision = Supervision.RESTART
     batch_size: int = 1
+    batch_window_s: float = 0.0  # wait this long after a batch's first message to gather more
     restart_backoff_s: float = 0.05
     restart_backoff_max_s: float = 5.0
 
@@ -249,6 +250,8 @@ class Actor:
         except trio.EndOfChannel:
             return None
         batch = [first]
+        if self.batch_window_s > 0 and self.batch_size > 1:
+            await trio.sleep(self.batch_window_s)  # group commit: let the batch fill up
         while len(batch) < self.batch_size:
             try:
                 batch.append(self._receive.receive_nowait())

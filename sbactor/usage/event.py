@@ -51,7 +51,12 @@ class UsageEvent:
     client_disconnected: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        data = attrs.asdict(self, recurse=True)
+        """JSON-ready, ``None`` fields left out. (Flat on purpose: the values are already plain
+        data, and ``attrs.asdict``'s recursion showed up in the hot path.)"""
+        data = {name: getattr(self, name) for name in _FIELD_NAMES}
         data["attempts"] = list(self.attempts)
         data["tags"] = list(self.tags)
         return {k: v for k, v in data.items() if v is not None}
+
+
+_FIELD_NAMES = tuple(f.name for f in attrs.fields(UsageEvent))
