@@ -60,6 +60,8 @@ class ServerConfig:
     shutdown_grace_s: float = attrs.field(default=10.0, validator=_non_negative)
     backlog: int = attrs.field(default=2048, validator=_positive)
     max_in_flight: int = attrs.field(default=1024, validator=_positive)
+    #: shed new requests (503) while the event loop lags more than this; 0 = off
+    shed_loop_lag_ms: float = attrs.field(default=0.0, validator=_non_negative)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = False
     # Processes serving one port (SO_REUSEPORT); > 1 needs state.backend redis.
@@ -156,6 +158,11 @@ class StateConfig:
     timeout_s: float = attrs.field(default=0.5, validator=_positive)
     # How long a process reuses shared routing statistics before reading them again.
     local_cache_s: float = attrs.field(default=1.0, validator=_non_negative)
+    # How long any instance can resolve POST /v1/feedback for a request another one served.
+    feedback_ttl_s: int = attrs.field(default=86400, validator=_positive)
+    # Guardrail verdicts shared through Redis too (second tier behind the local LRU).
+    shared_verdict_cache: bool = False
+    verdict_cache_ttl_s: int = attrs.field(default=3600, validator=_positive)
 
 
 @attrs.frozen

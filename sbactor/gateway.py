@@ -28,6 +28,7 @@ from sbactor.guardrails.compiled import CompiledGuardrails
 from sbactor.guardrails.config import GuardrailsConfig, PiiConfig, SecretsConfig
 from sbactor.ledger.config import LedgerSinkConfig
 from sbactor.metrics import Metrics
+from sbactor.overload import LoopLag
 from sbactor.policy.engine import CompiledPolicy
 from sbactor.providers.base import Provider, build_provider
 from sbactor.resilience.cooldown import CooldownTracker
@@ -101,6 +102,7 @@ class Gateway:
     ready: bool = False
     bound: str | None = None
     in_flight: int = 0
+    loop_lag: LoopLag = attrs.field(factory=LoopLag)
     started_at: float = attrs.field(factory=time.time)
     state: StateClient | None = None  # state.backend redis: the shared Redis
 
@@ -142,6 +144,7 @@ class Gateway:
                 call_timeout_s=call_timeout,
                 state=state,
                 refresh_s=config.state.local_cache_s,
+                request_ttl_s=config.state.feedback_ttl_s,
             )
         else:
             feedback = FeedbackStore(
@@ -181,11 +184,22 @@ class Gateway:
         verdict_cache: VerdictCache | None = None
         mesh = guardrails.mesh if guardrails is not None else None
         if mesh is not None and mesh.cache:
-            verdict_cache = VerdictCache(
-                name="verdict_cache",
-                capacity=config.actors.verdict_cache_mailbox,
-                max_entries=mesh.cache_capacity,
-            )
+            if state is not None and config.state.shared_verdict_cache:
+                from sbactor.state.verdict_cache import SharedVerdictCache
+
+                verdict_cache = SharedVerdictCache(
+                    name="verdict_cache",
+                    capacity=config.actors.verdict_cache_mailbox,
+                    max_entries=mesh.cache_capacity,
+                    state=state,
+                    ttl_s=config.state.verdict_cache_ttl_s,
+                )
+            else:
+                verdict_cache = VerdictCache(
+                    name="verdict_cache",
+                    capacity=config.actors.verdict_cache_mailbox,
+                    max_entries=mesh.cache_capacity,
+                )
             actors.add(verdict_cache)
         models = {m.name: m for m in config.models}
         policy = CompiledPolicy.compile(config.policy, set(models)) if config.policy else None
@@ -216,6 +230,8 @@ class Gateway:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, nursery: trio.Nursery) -> None:
+        if self.config.server.shed_loop_lag_ms > 0:
+            await nursery.start(self.loop_lag.run)
         if self.state is not None:
             await nursery.start(self.state.run)
         await self.actors.start_all(nursery)
@@ -225,6 +241,7 @@ class Gateway:
             self.http = httpx2.AsyncClient(timeout=10.0)
 
     async def stop(self) -> None:
+        self.loop_lag.stop()
         await self.actors.stop_all()
         if self.state is not None:
             self.state.stop()
@@ -252,6 +269,15 @@ class Gateway:
         """Refuse new paid work before any upstream call when we could not record it."""
         if self.draining:
             return GatewayError(503, "gateway is shutting down", "service_unavailable", "draining")
+        shed_ms = self.config.server.shed_loop_lag_ms
+        if shed_ms and self.loop_lag.lag_s * 1000 > shed_ms:
+            return GatewayError(
+                503,
+                f"gateway overloaded: event loop {self.loop_lag.lag_s * 1000:.0f} ms behind",
+                "service_unavailable",
+                "overloaded",
+                headers={"retry-after": "1"},
+            )
         for sink in self.sinks:
             reason = sink.admission()
             if reason:

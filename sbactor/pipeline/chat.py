@@ -67,7 +67,7 @@ async def _govern(gateway: Gateway, ctx: RequestContext) -> Any:
     if chosen is None:  # policy re-routed: the budget's hard limit applies to the new model too
         if ctx.reserved and gateway.budgets is not None:
             ctx.reserved = False
-            await gateway.budgets.reconcile(ctx.request_id, 0.0, 0)
+            await gateway.budgets.reconcile(ctx.uid, 0.0, 0)
         await run_budget(gateway, ctx)
         chosen = gateway.route(ctx.model.name)
     return chosen

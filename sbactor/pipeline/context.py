@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -39,7 +40,7 @@ class Reply:
 class RequestContext:
     """Mutable per-request state, owned by the request's task alone."""
 
-    request_id: str
+    request_id: str  # what the client sees (its own x-request-id when it sent one)
     started: float
     principal: Principal
     surface: str
@@ -59,6 +60,9 @@ class RequestContext:
     policy: dict[str, Any] | None = None
     reserved: bool = False
     finalized: bool = False
+    # unique per request even when clients reuse an x-request-id: the key for budget
+    # reservations and for the ledger's dedup (so a retried request's real spend is recorded)
+    uid: str = attrs.field(factory=lambda: uuid.uuid4().hex)
 
     def overhead_ms(self) -> float:
         total = time.perf_counter() - self.started

@@ -64,6 +64,7 @@ async def finish(
     cost = cost_of(candidate, prompt_tokens, completion_tokens)
     event = UsageEvent(
         request_id=ctx.request_id,
+        dedup_key=ctx.uid,
         kind=kind,
         time=utc_now_rfc3339(),
         principal=ctx.principal.as_dict(),
@@ -107,7 +108,7 @@ async def _deliver(
 ) -> None:
     if ctx.reserved and gateway.budgets is not None:
         ctx.reserved = False
-        await gateway.budgets.reconcile(ctx.request_id, event.cost_usd, event.total_tokens)
+        await gateway.budgets.reconcile(ctx.uid, event.cost_usd, event.total_tokens)
     if event.kind in ("completion", "error") and not event.client_disconnected:
         _feed_routing(gateway, ctx, event, candidate, provider_refused)
     metrics = gateway.metrics

@@ -96,7 +96,7 @@ async def run_budget(gateway: Gateway, ctx: RequestContext) -> dict[str, Any] | 
     principal = ctx.principal
     result = await tracker.preflight(
         PreflightRequest(
-            request_id=ctx.request_id,
+            request_id=ctx.uid,
             scopes=RequestScopes(
                 key_id=principal.key_id,
                 user=principal.user,

@@ -36,7 +36,7 @@ from sbactor.actors.runtime import ActorClosed
 from sbactor.budget.book import CounterView, Refused, soft_landing
 from sbactor.budget.ratelimit import RateRefused
 from sbactor.budget.scopes import CounterId, RequestScopes, counters_for, rate_counters_for
-from sbactor.budget.windows import window_end, window_start
+from sbactor.budget.windows import iso, window_end, window_start
 from sbactor.state.client import StateClient, StateUnavailable
 
 log = logging.getLogger("sbactor.state.budget")
@@ -45,6 +45,11 @@ log = logging.getLogger("sbactor.state.budget")
 MAX_PENDING = 100_000
 #: Window keys live this long past their window's end (late reconciles still land).
 KEY_GRACE_S = 3600
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis glob pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 @attrs.frozen
@@ -295,11 +300,86 @@ class SharedBudgetTracker(BudgetTracker):
     # ---- admin -------------------------------------------------------------------------------
 
     async def _admin_rows(self) -> list[dict[str, Any]]:
-        """Local rows (this instance's view), each marked, plus the shared state's health."""
-        rows = self._book.admin(self._now())
-        for row in rows:
+        """``GET /admin/budgets``: the shared counters of the current windows, read from Redis
+        (``source: "redis"``; ``instance_spent_usd`` is this process's share), plus counters
+        only this process knows (``source: "local"``). Redis unavailable: the local mirror,
+        every row marked ``source: "local"``."""
+        now = self._now()
+        local_rows = self._book.admin(now)
+        for row in local_rows:
             row["source"] = "local"
+        if self.state is None or not self.state.up:
+            return local_rows
+        try:
+            found = await self._shared_counters(now)
+            replies = await self.state.pipeline([
+                ("HMGET", key, "spent_cost", "spent_tokens", "reserved_cost", "reserved_tokens")
+                for _i, _value, key in found
+            ]) if found else []
+        except StateUnavailable:
+            return local_rows
+        by_id = {(row["budget"], row["value"]): row for row in local_rows}
+        rows: list[dict[str, Any]] = []
+        for (bi, value, _key), reply in zip(found, replies, strict=True):
+            if not isinstance(reply, list):
+                continue
+            b = self.budgets[bi]
+            label = self._book._labels[bi]
+            spent, tokens, reserved, reserved_tokens = (float(v or 0) for v in reply)
+            fraction = max(
+                (spent + reserved) / b.max_cost_usd if b.max_cost_usd else 0.0,
+                (tokens + reserved_tokens) / b.max_tokens if b.max_tokens else 0.0,
+            )
+            mine = by_id.pop((label, value), None)
+            end = window_end(b.window, now)
+            rows.append({
+                "budget": label,
+                "scope": b.scope,
+                "value": value,
+                "window": b.window,
+                "rolling": b.rolling,
+                "spent_usd": round(spent, 9),
+                "spent_tokens": int(tokens),
+                "reserved_usd": round(max(reserved, 0.0), 9),
+                "reserved_tokens": int(max(reserved_tokens, 0.0)),
+                "max_cost_usd": b.max_cost_usd,
+                "max_tokens": b.max_tokens,
+                "fraction": round(fraction, 6),
+                "forecast_fraction": round(fraction, 6),  # the forecast is not shared
+                "burn_rate_usd_per_hour": None if mine is None else mine["burn_rate_usd_per_hour"],
+                "resets_at": None if math.isinf(end) else iso(end),
+                "source": "redis",
+                "instance_spent_usd": 0.0 if mine is None else mine["spent_usd"],
+            })
+        rows.extend(by_id.values())
         return rows
+
+    async def _shared_counters(self, now: float) -> list[tuple[int, str, str]]:
+        """(budget index, scope value, key) of every budget counter in Redis for the current
+        window (SCAN: admin only, never on the request path)."""
+        assert self.state is not None
+        prefix = f"{self.state.prefix}b:"
+        keys: list[str] = []
+        cursor = "0"
+        while True:
+            cursor, batch = await self.state.command(
+                "SCAN", cursor, "MATCH", _glob_escape(prefix) + "*", "COUNT", 1000)
+            keys.extend(k for k in batch if not k.endswith(":h"))
+            if cursor == "0":
+                break
+        labels = sorted(enumerate(self._book._labels), key=lambda il: -len(il[1]))
+        found = []
+        for key in sorted(set(keys)):
+            rest = key[len(prefix):]
+            for bi, label in labels:
+                if not rest.startswith(label + ":"):
+                    continue
+                value, _, tag = rest[len(label) + 1:].rpartition(":")
+                start = window_start(self.budgets[bi].window, now)
+                if tag == ("total" if math.isinf(start) else str(int(start))):
+                    found.append((bi, value, key))
+                break
+        return found
 
     def state_summary(self) -> dict[str, Any]:
         out = super().state_summary()

@@ -1,5 +1,8 @@
 """StateClient: the one Redis connection pool of a process, with health tracking.
 
+Commands go through ``sbactor.state.resp`` (a minimal RESP client on trio; scripts run by
+EVALSHA, re-sent once after ``NOSCRIPT``).
+
 Actors hold a reference and call ``run_script``; nobody else talks to Redis. After a failure
 (connection refused, timeout, any Redis error) the client is *down*: calls fail at once with
 ``StateUnavailable`` (no per-request timeout while Redis is gone) and a probe pings Redis until
@@ -11,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
 import trio
 
 from sbactor.config import StateConfig
+from sbactor.state.resp import RespClient
 from sbactor.state.scripts import SCRIPTS
 
 log = logging.getLogger("sbactor.state")
@@ -53,8 +57,9 @@ class StateClient:
     up: bool = False
     last_error: str | None = "not connected yet"
     down_since: float | None = attrs.field(factory=time.time)
-    _redis: Any = None
-    _scripts: dict[str, Any] = attrs.field(factory=dict)
+    _redis: RespClient = attrs.field(
+        init=False, default=attrs.Factory(lambda self: RespClient(self.config.url), takes_self=True)
+    )
     _listeners: list[Callable[[], None]] = attrs.field(factory=list)
     _cancel: trio.CancelScope | None = None
     _calls: int = 0
@@ -93,20 +98,10 @@ class StateClient:
                   ) -> None:
         """Connect (a Redis that is down at start is not fatal: the probe keeps trying), then
         probe while down until cancelled by ``stop``."""
-        import coredis
-
         timeout = self.config.timeout_s
-        self._redis = coredis.Redis.from_url(
-            self.config.url,
-            decode_responses=True,
-            connect_timeout=timeout,
-            stream_timeout=timeout,
-        )
         with trio.CancelScope() as scope:
             self._cancel = scope
-            async with self._redis:
-                for name, source in SCRIPTS.items():
-                    self._scripts[name] = self._redis.register_script(source)
+            try:
                 await self._probe()
                 if not self.up:
                     log.error("%s; will keep trying", self.unavailable_reason())
@@ -116,6 +111,9 @@ class StateClient:
                     await trio.sleep(interval)
                     if not self.up:
                         await self._probe()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._redis.aclose()
 
     def stop(self) -> None:
         if self._cancel is not None:
@@ -124,9 +122,10 @@ class StateClient:
     async def _probe(self) -> None:
         try:
             with trio.fail_after(self.config.timeout_s):
-                await self._redis.ping()
+                await self._redis.execute("PING")
         except Exception as exc:
             self._mark_down(exc)
+            await self._redis.reset()
             return
         self._mark_up()
 
@@ -161,13 +160,26 @@ class StateClient:
 
     async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run one of ``SCRIPTS`` atomically; ``StateUnavailable`` if Redis cannot answer now."""
+        return await self._guarded(self._redis.evalsha, SCRIPTS[name], keys, args)
+
+    async def command(self, *args: Any) -> Any:
+        """One plain command (GET, SET, SCAN, …); same failure rules as ``run_script``."""
+        return await self._guarded(self._redis.execute, *args)
+
+    async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Several commands in one round trip; error replies come back as values."""
+        result: list[Any] = await self._guarded(self._redis.pipeline, commands)
+        return result
+
+    async def _guarded(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         if not self.up:
             raise StateUnavailable(self.unavailable_reason() or "redis is down")
         self._calls += 1
         try:
             with trio.fail_after(self.config.timeout_s):
-                return await self._scripts[name](keys=list(keys), args=list(args))
+                return await fn(*args)
         except Exception as exc:
             self._failures += 1
             self._mark_down(exc)
+            await self._redis.reset()
             raise StateUnavailable(self.unavailable_reason() or str(exc)) from exc

@@ -7,6 +7,11 @@ shared statistics in one round trip and replaces its routing map with them, so a
 by one instance moves routing on every other within that interval. Shared ``last_update`` is
 wall time; it is mapped onto this process's clock when read.
 
+The outcome of a served request also records ``request id → deployment`` in Redis (TTL
+``state.feedback_ttl_s``), so ``POST /v1/feedback`` works on any instance: the feedback is
+claimed once in Redis (``scripts.FEEDBACK_CLAIM``; a second claim on any instance is a
+duplicate) and folded into the shared statistics in the same script.
+
 Redis unavailable: routing goes on with the local statistics (outcomes are not queued: routing
 feedback is a hint, not an account).
 """
@@ -22,9 +27,14 @@ from typing import Any
 import attrs
 import trio
 
-from sbactor.actors.feedback_store import FeedbackStore, _check_feedback, _Feedback
+from sbactor.actors.feedback_store import (
+    FeedbackResult,
+    FeedbackStore,
+    _check_feedback,
+    _Feedback,
+)
 from sbactor.actors.runtime import Actor, ActorClosed
-from sbactor.routing.stats import DeploymentStats, Outcome
+from sbactor.routing.stats import EMPTY_STATS, DeploymentStats, Outcome, apply_feedback, decay
 from sbactor.state.client import StateClient, StateUnavailable
 
 log = logging.getLogger("sbactor.state.feedback")
@@ -61,11 +71,13 @@ class SharedFeedbackStore(FeedbackStore):
     state: StateClient | None = None
     refresh_s: float = 1.0
     wall: Callable[[], float] = time.time
+    request_ttl_s: int = 86400
 
     _pushed: int = attrs.field(init=False, default=0)
     _push_failures: int = attrs.field(init=False, default=0)
     _refreshes: int = attrs.field(init=False, default=0)
     _shared_deployments: int = attrs.field(init=False, default=0)
+    _shared_feedback_counts: dict[str, int] = attrs.field(init=False, factory=dict)
 
     async def run(self, *, task_status: trio.TaskStatus[Actor] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -86,37 +98,77 @@ class SharedFeedbackStore(FeedbackStore):
     async def handle(self, message: Any) -> Any:
         if isinstance(message, Outcome):
             self._record(message)
+            served = "#" not in message.request_id  # not a failed earlier attempt
             await self._push(message.deployment_id, "outcome", [
                 int(message.success), int(message.refused), repr(float(message.cost_usd)),
                 repr(float(message.latency_s)), 0,
-            ])
+            ], request=(message.request_id, message.model) if served else None)
             return None
         if isinstance(message, _Feedback):
-            result = self._apply(message)
-            if result.status == "applied" and result.deployment_id is not None:
-                value = _check_feedback(message.outcome, message.score)
-                await self._push(result.deployment_id, "feedback", [0, 0, 0, 0, repr(value)])
-            return result
+            return await self._shared_feedback(message)
         if isinstance(message, _Refresh):
             await self._refresh()
             return None
         return await super().handle(message)
 
-    async def _push(self, deployment_id: str, kind: str, values: list[Any]) -> None:
+    async def _push(self, deployment_id: str, kind: str, values: list[Any],
+                    request: tuple[str, str] | None = None) -> None:
         if self.state is None:
             return
         s = self.settings
         prefix = self.state.prefix
+        keys = [f"{prefix}fb:{deployment_id}", f"{prefix}fb:index"]
+        args = [deployment_id, repr(self.wall()), s.alpha, s.decay_s, kind, *values]
+        if request is not None:
+            keys.append(f"{prefix}req:{request[0]}")
+            args += [request[1], self.request_ttl_s]
         try:
-            await self.state.run_script(
-                "feedback_update",
-                [f"{prefix}fb:{deployment_id}", f"{prefix}fb:index"],
-                [deployment_id, repr(self.wall()), s.alpha, s.decay_s, kind, *values],
-            )
+            await self.state.run_script("feedback_update", keys, args)
         except StateUnavailable:
             self._push_failures += 1
             return
         self._pushed += 1
+
+    async def _shared_feedback(self, message: _Feedback) -> FeedbackResult:
+        """Claim the feedback in Redis (first claim wins on every instance) and fold it into
+        the shared stats; without Redis, or for a request Redis does not know, decide locally."""
+        value = _check_feedback(message.outcome, message.score)
+        reply: Any = None
+        if self.state is not None:
+            prefix = self.state.prefix
+            try:
+                reply = await self.state.run_script(
+                    "feedback_claim",
+                    [f"{prefix}req:{message.request_id}", f"{prefix}fb:index"],
+                    [f"{prefix}fb:", repr(self.wall()), self.settings.alpha,
+                     self.settings.decay_s, repr(value)],
+                )
+            except StateUnavailable:
+                reply = None
+        if reply is None or reply[0] == "unknown":
+            result = self._apply(message)
+            if reply is not None and result.status == "applied" and result.deployment_id:
+                # served here but its mapping never reached redis: the stats still should
+                await self._push(result.deployment_id, "feedback", [0, 0, 0, 0, repr(value)])
+            return result
+        status, deployment_id, model = reply[0], reply[1], reply[2]
+        self._shared_feedback_counts[status] = self._shared_feedback_counts.get(status, 0) + 1
+        served = self._served.get(message.request_id)
+        if status == "applied":
+            if served is not None:
+                served.feedback_done = True
+            # fold it into this process's view now; the next refresh brings the shared one
+            now = self.clock()
+            s = self.settings
+            current = decay(self._stats.get(deployment_id, EMPTY_STATS), now, s.decay_s)
+            self._replace(deployment_id, apply_feedback(current, value, s.alpha, now))
+            self._feedback_counts["applied"] += 1
+        else:
+            if served is not None:
+                served.feedback_done = True
+            self._feedback_counts["duplicate"] += 1
+        return FeedbackResult(status, message.request_id, deployment_id, model or None,
+                              message.outcome, message.score)
 
     async def _refresh(self) -> None:
         if self.state is None:
@@ -149,5 +201,6 @@ class SharedFeedbackStore(FeedbackStore):
             "push_failures": self._push_failures,
             "refreshes": self._refreshes,
             "shared_deployments": self._shared_deployments,
+            "shared_feedback": dict(self._shared_feedback_counts),
         })
         return out

@@ -12,6 +12,10 @@ Key layout (``P`` is ``state.key_prefix``):
 - ``P r:<limit label>#<index>:<value>`` — hash of 1 s buckets ``r<second>`` / ``t<second>`` for
   rpm/tpm over a sliding 60 s window; expires after the window.
 - ``P fb:<deployment id>`` — hash of one deployment's outcome EWMAs; ``P fb:index`` lists them.
+- ``P req:<request id>`` — hash ``d`` (deployment) ``m`` (model) ``f`` (feedback claimed) of a
+  served request, for ``POST /v1/feedback`` on any instance; expires after
+  ``state.feedback_ttl_s``.
+- ``P vc:<verdict cache key>`` — a guardrail result (JSON), with ``state.shared_verdict_cache``.
 """
 
 from __future__ import annotations
@@ -166,45 +170,69 @@ return 'ok'
 
 # Fold one outcome (or one client feedback) into a deployment's shared EWMAs, decaying the
 # success/refusal rates toward the prior (1, 0) first — sbactor.routing.stats in Lua.
-# KEYS: stats hash, index set. ARGV: deployment id, now (wall s), alpha, decay_s, kind
-# ('outcome' | 'feedback'), success, refused, cost, latency, feedback value.
-FEEDBACK_UPDATE = """
-local key, index = KEYS[1], KEYS[2]
-local now = tonumber(ARGV[2]); local alpha = tonumber(ARGV[3]); local decay_s = tonumber(ARGV[4])
-local kind = ARGV[5]
-local h = {}
-local flat = redis.call('HGETALL', key)
-for j = 1, #flat, 2 do h[flat[j]] = flat[j + 1] end
-local succ = tonumber(h.ewma_success or '1'); local refu = tonumber(h.ewma_refusal or '0')
-local last = tonumber(h.last_update or '')
-if last ~= nil and now > last then
-  local keep = math.exp(-(now - last) / decay_s)
-  succ = 1 + (succ - 1) * keep
-  refu = refu * keep
+_FOLD = """
+local function fold(key, index, id, now, alpha, decay_s, kind, ok, refused, cost, lat, value)
+  local h = {}
+  local flat = redis.call('HGETALL', key)
+  for j = 1, #flat, 2 do h[flat[j]] = flat[j + 1] end
+  local succ = tonumber(h.ewma_success or '1'); local refu = tonumber(h.ewma_refusal or '0')
+  local last = tonumber(h.last_update or '')
+  if last ~= nil and now > last then
+    local keep = math.exp(-(now - last) / decay_s)
+    succ = 1 + (succ - 1) * keep
+    refu = refu * keep
+  end
+  local keep = 1 - alpha
+  if kind == 'outcome' then
+    cost = math.max(0, cost); lat = math.max(0, lat)
+    redis.call('HINCRBY', key, 'samples', 1)
+    redis.call('HINCRBY', key, 'successes', ok)
+    redis.call('HINCRBY', key, 'refusals', refused)
+    local c = tonumber(h.ewma_cost or '')
+    if c == nil then c = cost else c = keep * c + alpha * cost end
+    local l = tonumber(h.ewma_latency or '')
+    if l == nil then l = lat else l = keep * l + alpha * lat end
+    succ = keep * succ + alpha * ok
+    refu = keep * refu + alpha * refused
+    redis.call('HSET', key, 'ewma_cost', tostring(c), 'ewma_latency', tostring(l))
+  else
+    local v = math.min(1, math.max(0, value))
+    redis.call('HINCRBY', key, 'feedback', 1)
+    succ = keep * succ + alpha * v
+  end
+  redis.call('HSET', key, 'ewma_success', tostring(succ), 'ewma_refusal', tostring(refu),
+             'last_update', tostring(now))
+  redis.call('SADD', index, id)
 end
-local keep = 1 - alpha
-if kind == 'outcome' then
-  local ok = tonumber(ARGV[6]); local refused = tonumber(ARGV[7])
-  local cost = math.max(0, tonumber(ARGV[8])); local lat = math.max(0, tonumber(ARGV[9]))
-  redis.call('HINCRBY', key, 'samples', 1)
-  redis.call('HINCRBY', key, 'successes', ok)
-  redis.call('HINCRBY', key, 'refusals', refused)
-  local c = tonumber(h.ewma_cost or '')
-  if c == nil then c = cost else c = keep * c + alpha * cost end
-  local l = tonumber(h.ewma_latency or '')
-  if l == nil then l = lat else l = keep * l + alpha * lat end
-  succ = keep * succ + alpha * ok
-  refu = keep * refu + alpha * refused
-  redis.call('HSET', key, 'ewma_cost', tostring(c), 'ewma_latency', tostring(l))
-else
-  local v = math.min(1, math.max(0, tonumber(ARGV[10])))
-  redis.call('HINCRBY', key, 'feedback', 1)
-  succ = keep * succ + alpha * v
+"""
+
+# KEYS: stats hash, index set[, request key]. ARGV: deployment id, now (wall s), alpha, decay_s,
+# kind ('outcome' | 'feedback'), success, refused, cost, latency, feedback value[, model,
+# request key ttl]. With a request key, the request → deployment mapping is recorded too, so
+# POST /v1/feedback works on any instance.
+FEEDBACK_UPDATE = _FOLD + """
+fold(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
+     ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]),
+     tonumber(ARGV[10]))
+if #KEYS >= 3 then
+  redis.call('HSET', KEYS[3], 'd', ARGV[1], 'm', ARGV[11])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[12]))
 end
-redis.call('HSET', key, 'ewma_success', tostring(succ), 'ewma_refusal', tostring(refu),
-           'last_update', tostring(now))
-redis.call('SADD', index, ARGV[1])
 return 'ok'
+"""
+
+# Client feedback for a request any instance served: claim it once (first claim wins, on every
+# instance) and fold it into the serving deployment's shared EWMAs.
+# KEYS: request key, index set. ARGV: stats key prefix, now (wall s), alpha, decay_s, value.
+# Returns {'unknown'} | {'duplicate', deployment, model} | {'applied', deployment, model}.
+FEEDBACK_CLAIM = _FOLD + """
+local d = redis.call('HGET', KEYS[1], 'd')
+if not d then return {'unknown'} end
+local m = redis.call('HGET', KEYS[1], 'm') or ''
+if redis.call('HSETNX', KEYS[1], 'f', '1') == 0 then return {'duplicate', d, m} end
+fold(ARGV[1] .. d, KEYS[2], d, tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
+     'feedback', 0, 0, 0, 0, tonumber(ARGV[5]))
+return {'applied', d, m}
 """
 
 # Every deployment's shared stats in one round trip: {id, {field, value, ...}, ...}.
@@ -222,5 +250,6 @@ SCRIPTS: dict[str, str] = {
     "reserve": RESERVE,
     "reconcile": RECONCILE,
     "feedback_update": FEEDBACK_UPDATE,
+    "feedback_claim": FEEDBACK_CLAIM,
     "feedback_read": FEEDBACK_READ,
 }

@@ -21,6 +21,7 @@ def utc_now_rfc3339() -> str:
 @attrs.frozen
 class UsageEvent:
     request_id: str
+    dedup_key: str  # unique per request (the ledger drops a re-sent event with the same key)
     kind: EventKind
     time: str
     principal: dict[str, Any]
