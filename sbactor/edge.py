@@ -126,13 +126,19 @@ class Edge:
             )
             await send({"type": "http.response.body", "body": reply.body, "more_body": False})
             return
-        await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers})
         stream = reply.stream
+        started = False
         try:
+            await send(
+                {"type": "http.response.start", "status": reply.status, "headers": raw_headers}
+            )
             async for piece in stream:
+                started = True
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            if not started and reply.abandon is not None:
+                await reply.abandon()  # the generator never ran: it cannot clean up itself
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()

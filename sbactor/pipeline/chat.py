@@ -23,10 +23,10 @@ from sbactor.pipeline.context import (
     validate_chat,
     validate_embeddings,
 )
-from sbactor.pipeline.dispatch import Served, dispatch, open_stream
+from sbactor.pipeline.dispatch import OpenStream, Served, dispatch, open_stream
 from sbactor.pipeline.events import cost_of, finish, usage_numbers
 from sbactor.pipeline.stages import Refused, run_budget, run_guardrails, run_policy
-from sbactor.pipeline.stream import stream_response
+from sbactor.pipeline.stream import abandon_stream, stream_response
 from sbactor.providers.base import Provider, UpstreamResponse
 from sbactor.resilience.compress import estimate_tokens
 
@@ -98,54 +98,70 @@ async def _refuse(gateway: Gateway, ctx: RequestContext, refused: Refused) -> Ga
 
 
 async def handle_chat(gateway: Gateway, incoming: Incoming) -> Reply:
-    ctx = _begin(gateway, incoming, "chat")
-    gateway.in_flight += 1
-    try:
-        try:
-            first = await _govern(gateway, ctx)
-        except Refused as refused:
-            raise await _refuse(gateway, ctx, refused) from None
-        if ctx.stream:
-            try:
-                opened = await open_stream(gateway, ctx, first)
-            except GatewayError as err:
-                await finish(
-                    gateway,
-                    ctx,
-                    kind="error",
-                    status=err.status,
-                    error={"message": err.message, "code": err.code},
-                )
-                raise
-            headers = served_headers(ctx, ctx.model.name, opened.candidate.provider, 0.0)
-            del headers["x-sbactor-cost-usd"]
-            headers["content-type"] = "text/event-stream"
-            headers["cache-control"] = "no-cache"
-            return Reply(200, headers, stream=stream_response(gateway, ctx, opened))
-        return await _respond_json(gateway, ctx, first, _chat_call)
-    except BaseException as exc:
-        if not ctx.finalized:
-            await _finish_abandoned(gateway, ctx, exc)
-        raise
-    finally:
-        gateway.in_flight -= 1
+    return await _handle(gateway, incoming, "chat")
 
 
 async def handle_embeddings(gateway: Gateway, incoming: Incoming) -> Reply:
-    ctx = _begin(gateway, incoming, "embeddings")
+    return await _handle(gateway, incoming, "embeddings")
+
+
+async def _handle(gateway: Gateway, incoming: Incoming, surface: str) -> Reply:
+    """One request, start to reply. A stream stays in flight until its last byte (or until it
+    is abandoned), so ``in_flight`` then belongs to the stream's own cleanup."""
+    ctx = _begin(gateway, incoming, surface)
     gateway.in_flight += 1
+    handed_off = False
     try:
         try:
             first = await _govern(gateway, ctx)
         except Refused as refused:
             raise await _refuse(gateway, ctx, refused) from None
-        return await _respond_json(gateway, ctx, first, _embeddings_call)
+        if not ctx.stream:
+            call = _chat_call if surface == "chat" else _embeddings_call
+            return await _respond_json(gateway, ctx, first, call)
+        try:
+            opened = await open_stream(gateway, ctx, first)
+        except GatewayError as err:
+            await finish(
+                gateway,
+                ctx,
+                kind="error",
+                status=err.status,
+                error={"message": err.message, "code": err.code},
+            )
+            raise
+        handed_off = True
+        return _stream_reply(gateway, ctx, opened)
     except BaseException as exc:
         if not ctx.finalized:
             await _finish_abandoned(gateway, ctx, exc)
         raise
     finally:
-        gateway.in_flight -= 1
+        if not handed_off:
+            gateway.in_flight -= 1
+
+
+def _stream_reply(gateway: Gateway, ctx: RequestContext, opened: OpenStream) -> Reply:
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            gateway.in_flight -= 1
+
+    async def abandon() -> None:
+        try:
+            await abandon_stream(gateway, ctx, opened)
+        finally:
+            release()
+
+    headers = served_headers(ctx, ctx.model.name, opened.candidate.provider, 0.0)
+    del headers["x-sbactor-cost-usd"]  # not known yet: sent as an SSE comment at the end
+    headers["content-type"] = "text/event-stream"
+    headers["cache-control"] = "no-cache"
+    stream = stream_response(gateway, ctx, opened, on_end=release)
+    return Reply(200, headers, stream=stream, abandon=abandon)
 
 
 async def _finish_abandoned(gateway: Gateway, ctx: RequestContext, exc: BaseException) -> None:

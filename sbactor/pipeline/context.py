@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -34,6 +34,9 @@ class Reply:
     headers: dict[str, str]
     body: bytes = b""
     stream: AsyncIterator[bytes] | None = None
+    # called if ``stream`` is dropped before its first item: an unstarted async generator
+    # runs no cleanup of its own, and the upstream, the reservation and the event need one
+    abandon: Callable[[], Awaitable[None]] | None = None
 
 
 @attrs.define(eq=False)
@@ -124,9 +127,15 @@ def validate_chat(body: dict[str, Any]) -> None:
             )
     if "stream" in body and not isinstance(body["stream"], bool):
         raise bad_request("'stream' must be true or false", "invalid_type", "stream")
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-        raise bad_request("'max_tokens' must be a positive integer", "invalid_type", "max_tokens")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("'stream_options' must be an object", "invalid_type", "stream_options")
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = body.get(field)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise bad_request(f"'{field}' must be a positive integer", "invalid_type", field)
 
 
 def validate_embeddings(body: dict[str, Any]) -> None:

@@ -113,8 +113,9 @@ def _record(
         gateway.cooldowns.record_success(candidate.deployment_id, now)
         outcome = "ok"
     else:
-        gateway.cooldowns.record_failure(candidate.deployment_id, failure.cls, now,
-                                         failure.retry_after_s)
+        gateway.cooldowns.record_failure(
+            candidate.deployment_id, failure.cls, now, failure.retry_after_s
+        )
         outcome = failure.cls.value
     gateway.metrics.upstream_attempts.labels(candidate.provider, outcome).inc()
     ctx.attempts = list(planner.attempts)
@@ -248,6 +249,9 @@ async def _attempt_stream(
         )
     except UpstreamError as exc:
         attempt.failure = classify_exception(exc)
+    except BaseException:
+        await _close(attempt.stack)  # cancelled (client gone) or a bug: free the connection now
+        raise
     return attempt
 
 
@@ -260,9 +264,7 @@ async def next_batch(
         return None
 
 
-async def open_stream(
-    gateway: Gateway, ctx: RequestContext, first: Candidate | None
-) -> OpenStream:
+async def open_stream(gateway: Gateway, ctx: RequestContext, first: Candidate | None) -> OpenStream:
     """Open an upstream stream up to its first content, failing over until that succeeds."""
     planner = make_planner(gateway, ctx)
     idle = gateway.config.resilience.stream_idle_timeout_s
@@ -296,8 +298,12 @@ async def open_stream(
         )
         ctx.upstream_s += time.perf_counter() - t0
         failure = attempt.failure
-        if (failure is not None and failure.cls is FailureClass.CONTENT_POLICY
-                and attempt.batches is not None and failure.status is None):
+        if (
+            failure is not None
+            and failure.cls is FailureClass.CONTENT_POLICY
+            and attempt.batches is not None
+            and failure.status is None
+        ):
             # an in-band refusal of a 200 stream: usable as is (like the JSON path) when no
             # content-policy fallback is left, instead of a 400
             failure = attrs.evolve(failure, status=200)

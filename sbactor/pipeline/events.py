@@ -132,8 +132,11 @@ async def _deliver(
     if not_durable is not None and not event.client_disconnected:
         # durability: strict promises the last byte only once the entry is on disk.
         raise GatewayError(
-            503, f"usage recording failed: {not_durable}", "service_unavailable",
-            "ledger_unavailable", headers={"retry-after": "1"},
+            503,
+            f"usage recording failed: {not_durable}",
+            "service_unavailable",
+            "ledger_unavailable",
+            headers={"retry-after": "1"},
         )
 
 

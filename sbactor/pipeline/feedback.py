@@ -55,6 +55,15 @@ async def handle_feedback(gateway: Gateway, incoming: Incoming) -> Reply:
             },
         }
         for sink in gateway.sinks:
-            await sink.record(event)
+            try:
+                await sink.record(event)
+            except Exception as exc:  # the verdict counts, but the proof of it failed
+                raise GatewayError(
+                    503,
+                    f"feedback applied but could not be recorded: {exc}",
+                    "service_unavailable",
+                    "ledger_unavailable",
+                    headers={"retry-after": "1"},
+                ) from None
     data = {"request_id": target, "status": result.status, "deployment": result.deployment_id}
     return Reply(200, {"content-type": "application/json"}, body=orjson.dumps(data))

@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 
 from sbactor.actors.budget_tracker import PreflightRequest
+from sbactor.actors.runtime import ActorCallTimeout, ActorClosed, ActorError
 from sbactor.budget.estimate import estimate_tokens
 from sbactor.budget.scopes import RequestScopes
 from sbactor.errors import GatewayError
@@ -88,13 +89,9 @@ def worst_case_cost(gateway: Gateway, ctx: RequestContext) -> float:
     return cost or 0.0
 
 
-async def run_budget(gateway: Gateway, ctx: RequestContext) -> dict[str, Any] | None:
-    """Reserve the worst case in every scope; refuse, warn or downgrade as the tracker says."""
-    tracker = gateway.budgets
-    if tracker is None:
-        return None
+async def _preflight(gateway: Gateway, tracker: Any, ctx: RequestContext) -> Any:
     principal = ctx.principal
-    result = await tracker.preflight(
+    return await tracker.preflight(
         PreflightRequest(
             request_id=ctx.uid,
             scopes=RequestScopes(
@@ -111,6 +108,28 @@ async def run_budget(gateway: Gateway, ctx: RequestContext) -> dict[str, Any] | 
         ),
         timeout_s=gateway.config.actors.call_timeout_s,
     )
+
+
+async def run_budget(gateway: Gateway, ctx: RequestContext) -> dict[str, Any] | None:
+    """Reserve the worst case in every scope; refuse, warn or downgrade as the tracker says."""
+    tracker = gateway.budgets
+    if tracker is None:
+        return None
+    ctx.reserved = True  # before the call: if it times out, the reconcile still releases
+    try:
+        result = await _preflight(gateway, tracker, ctx)
+    except (ActorCallTimeout, ActorClosed, ActorError):
+        raise Refused(
+            "budget",
+            GatewayError(
+                503,
+                "budget tracker unavailable; try again",
+                "service_unavailable",
+                "budget_unavailable",
+                headers={"retry-after": "1"},
+            ),
+            {"kind": "unavailable"},
+        ) from None
     ctx.budget = {
         "fraction": round(result.fraction, 6),
         "forecast_fraction": round(result.forecast_fraction, 6),

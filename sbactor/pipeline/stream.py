@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 import trio
 
+from sbactor.errors import GatewayError
 from sbactor.gateway import Gateway
 from sbactor.pipeline.context import RequestContext
 from sbactor.pipeline.dispatch import OpenStream, next_batch
@@ -24,6 +25,7 @@ from sbactor.providers.base import UpstreamError
 from sbactor.resilience.compress import estimate_tokens
 from sbactor.resilience.failure import Failure, FailureClass, classify_exception
 from sbactor.resilience.report import stream_error_sse
+from sbactor.usage.event import UsageEvent
 
 DONE = b"data: [DONE]\n\n"
 
@@ -82,7 +84,11 @@ def _for_client(ctx: RequestContext, chunk: dict[str, Any]) -> dict[str, Any] | 
 
 
 async def stream_response(
-    gateway: Gateway, ctx: RequestContext, opened: OpenStream
+    gateway: Gateway,
+    ctx: RequestContext,
+    opened: OpenStream,
+    *,
+    on_end: Callable[[], None] | None = None,
 ) -> AsyncIterator[bytes]:
     tally = _Tally()
     idle = gateway.config.resilience.stream_idle_timeout_s
@@ -113,7 +119,11 @@ async def stream_response(
                 yield data  # one write for everything that arrived together
         ctx.upstream_s += time.perf_counter() - upstream_t0
         await _close(opened)
-        await _finish_stream(gateway, ctx, opened, tally, failure=failure)
+        try:
+            event = await _finish_stream(gateway, ctx, opened, tally, failure=failure)
+        except GatewayError as err:  # strict durability: the entry could not be made durable
+            yield _error_sse(err.message, err.type, err.code, tally, ctx)
+            return
         if failure is not None:
             yield stream_error_sse(
                 failure,
@@ -122,15 +132,42 @@ async def stream_response(
                 created=tally.created,
             )
         else:
-            yield DONE
+            cost = event.cost_usd if event is not None else 0.0
+            yield f": x-sbactor-cost-usd={cost:.8f}\n\n".encode() + DONE
     finally:
-        if not ctx.finalized:  # client went away (or we were cancelled) mid-stream
-            with trio.CancelScope(shield=True):
-                ctx.upstream_s += time.perf_counter() - upstream_t0
-                await _close(opened)
-                await _finish_stream(
-                    gateway, ctx, opened, tally, failure=failure, disconnected=not completed
-                )
+        try:
+            if not ctx.finalized:  # client went away (or we were cancelled) mid-stream
+                with trio.CancelScope(shield=True):
+                    ctx.upstream_s += time.perf_counter() - upstream_t0
+                    await _close(opened)
+                    await _finish_stream(
+                        gateway, ctx, opened, tally, failure=failure, disconnected=not completed
+                    )
+        finally:
+            if on_end is not None:
+                on_end()
+
+
+async def abandon_stream(gateway: Gateway, ctx: RequestContext, opened: OpenStream) -> None:
+    """The stream was never started (the client left first): close the upstream and record."""
+    with trio.CancelScope(shield=True):
+        await _close(opened)
+        if not ctx.finalized:
+            await _finish_stream(gateway, ctx, opened, _Tally(), failure=None, disconnected=True)
+
+
+def _error_sse(
+    message: str, type_: str, code: str | None, tally: _Tally, ctx: RequestContext
+) -> bytes:
+    chunk = {
+        "id": tally.id or ctx.request_id,
+        "object": "chat.completion.chunk",
+        "created": tally.created,
+        "model": ctx.model.name,
+        "choices": [],
+        "error": {"message": message, "type": type_, "code": code, "param": None},
+    }
+    return sse(chunk)
 
 
 async def _close(opened: OpenStream) -> None:
@@ -146,9 +183,9 @@ async def _finish_stream(
     *,
     failure: Failure | None,
     disconnected: bool = False,
-) -> None:
+) -> UsageEvent | None:
     if ctx.finalized:
-        return
+        return None
     estimated = tally.usage is None
     if tally.usage is not None:
         prompt, completion = tally.usage
@@ -158,7 +195,7 @@ async def _finish_stream(
     error = None
     if failure is not None:
         error = {"message": failure.message, "class": failure.cls.value, "mid_stream": True}
-    await finish(
+    return await finish(
         gateway,
         ctx,
         kind="completion" if failure is None and not disconnected else "error",

@@ -117,22 +117,39 @@ class WireResponse:
                 yield line
 
     async def iter_line_batches(self) -> AsyncIterator[list[str]]:
-        """Complete lines grouped by the network read that completed them."""
-        pending = ""
+        """Complete lines grouped by the network read that completed them. Lines are split on
+        bytes (``\\n``, ``\\r\\n``, ``\\r`` only — never on U+2028 inside JSON) and decoded
+        whole, so a character split across reads is not mangled."""
+        pending = b""
         async for piece in self.iter_bytes():
-            pending += piece.decode("utf-8", "replace")
-            lines = pending.splitlines(keepends=True)
-            pending = ""
-            batch = []
-            for line in lines:
-                if line.endswith(("\n", "\r")):
-                    batch.append(line.rstrip("\r\n"))
-                else:
-                    pending = line
+            pending += piece
+            batch, pending = _split_lines(pending)
             if batch:
                 yield batch
         if pending:
-            yield [pending]
+            yield [pending.decode("utf-8", "replace")]
+
+
+def _split_lines(data: bytes) -> tuple[list[str], bytes]:
+    """Complete lines of ``data`` and the unfinished rest. A trailing ``\\r`` is held back:
+    it may be the first half of ``\\r\\n``."""
+    lines: list[str] = []
+    start = 0
+    size = len(data)
+    while start < size:
+        nl = data.find(b"\n", start)
+        cr = data.find(b"\r", start)
+        if cr != -1 and (nl == -1 or cr < nl):
+            if cr + 1 == size:
+                break  # maybe \r\n split across reads
+            end, nxt = cr, cr + 2 if data[cr + 1 : cr + 2] == b"\n" else cr + 1
+        elif nl != -1:
+            end, nxt = nl, nl + 1
+        else:
+            break
+        lines.append(data[start:end].decode("utf-8", "replace"))
+        start = nxt
+    return lines, data[start:]
 
 
 class WirePool:
@@ -172,9 +189,10 @@ class WirePool:
     ) -> AsyncIterator[WireResponse]:
         """POST and yield the response once its headers are in; the body is read by the caller.
         Leaving the block early closes the connection (the upstream sees the request end)."""
+        token = object()  # released on behalf of this token, whichever task ends the request
         try:
             with trio.fail_after(self.read_timeout_s):
-                await self._limit.acquire()
+                await self._limit.acquire_on_behalf_of(token)
         except trio.TooSlowError:
             raise WirePoolTimeout(
                 f"no free connection within {self.read_timeout_s}s "
@@ -197,7 +215,7 @@ class WirePool:
         finally:
             if conn is not None:
                 await conn.aclose()
-            self._limit.release()
+            self._limit.release_on_behalf_of(token)
 
     async def _send(
         self, path: str, body: bytes, headers: Mapping[str, str] | None
@@ -214,7 +232,10 @@ class WirePool:
             data = (conn.h11.send(request) or b"") + (conn.h11.send(h11.Data(data=body)) or b"")
             data += conn.h11.send(h11.EndOfMessage()) or b""
             try:
-                await conn.stream.send_all(data)
+                try:
+                    await conn.stream.send_all(data)
+                except (OSError, trio.BrokenResourceError) as exc:
+                    raise WireProtocolError(f"connection broke while sending: {exc}") from None
                 event = await self._next_event(conn)
             except WireProtocolError:
                 await conn.aclose()

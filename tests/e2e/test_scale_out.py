@@ -377,3 +377,219 @@ async def test_scale_out_example_serves(
                              json={"model": "gpt-4o-mini",
                                    "messages": [{"role": "user", "content": "hello"}]})
     assert r.status_code == 200, r.text
+
+
+# ---- separate processes -------------------------------------------------------------------------
+
+
+async def _serve_process(config_file: Path, data_dir: Path, stderr: Path) -> tuple[Any, str]:
+    """``python -m sbactor serve --config F --bind 127.0.0.1:0``; returns once it listens."""
+    with stderr.open("wb") as err:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "sbactor", "serve", "--config", str(config_file), "--bind",
+             "127.0.0.1:0", "--data-dir", str(data_dir)],
+            stdout=subprocess.PIPE, stderr=err, cwd=REPO,
+        )
+    assert proc.stdout is not None
+    marker, buffer = b"sbactor listening on http://", b""
+    with trio.fail_after(30):
+        while b"\n" not in buffer.partition(marker)[2]:
+            chunk = await proc.stdout.receive_some(4096)
+            assert chunk, f"serve exited early:\n{stderr.read_text()}"
+            buffer += chunk
+    return proc, buffer.partition(marker)[2].split(b"\n", 1)[0].decode().strip()
+
+
+async def test_two_processes_share_one_cap_and_one_rpm_limit(
+    mock_upstream: MockUpstream, redis: RedisServer, tmp_path: Path
+) -> None:
+    cap = 0.002  # each request reserves its worst case (~0.0001 USD): about 20 fit
+    cfg = shared_config(
+        mock_upstream, redis, "procs:",
+        server={"auth": "keys"},
+        keys=[{"id": "kb", "key_sha256": hash_key("sk-burst"), "team": "burst"},
+              {"id": "ks", "key_sha256": hash_key("sk-slow"), "team": "slow"}],
+        budgets=[{"scope": "team", "match": "burst", "window": "day", "max_cost_usd": cap}],
+        rate_limits=[{"scope": "team", "match": "slow", "rpm": 6}],
+        usage_sinks=[{"type": "jsonl", "path": "usage.jsonl"}],
+    )
+    config_file = tmp_path / "sbactor.yaml"
+    config_file.write_text(yaml.safe_dump(cfg))
+    procs: list[Any] = []
+    addresses: list[str] = []
+
+    async def start(name: str) -> None:
+        proc, address = await _serve_process(config_file, tmp_path / name,
+                                             tmp_path / f"{name}.stderr")
+        procs.append(proc)
+        addresses.append(address)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start, "a")
+            nursery.start_soon(start, "b")
+        assert procs[0].pid != procs[1].pid
+        limits = httpx2.Limits(max_connections=200)
+        clients = [httpx2.AsyncClient(base_url=f"http://{a}", timeout=30, limits=limits)
+                   for a in addresses]
+        statuses: list[list[int]] = [[], []]
+        costs: list[float] = []
+
+        async def one(i: int) -> None:
+            r = await clients[i % 2].post(
+                "/v1/chat/completions", headers={"authorization": "Bearer sk-burst"},
+                json={"model": "m", "max_tokens": 40,
+                      "messages": [{"role": "user", "content": f"burst {i}"}]})
+            statuses[i % 2].append(r.status_code)
+            if r.status_code == 200:
+                costs.append(float(r.headers["x-sbactor-cost-usd"]))
+            else:
+                assert r.json()["error"]["code"] == "budget_exceeded", r.text
+
+        async with trio.open_nursery() as nursery:
+            for i in range(200):
+                nursery.start_soon(one, i)
+        served = sum(s.count(200) for s in statuses)
+        assert all(len(s) == 100 and set(s) <= {200, 429} for s in statuses), statuses
+        assert 0 < served < 200 and sum(costs) <= cap + 1e-12
+
+        # rpm 6 for team "slow", requests alternating between the two processes
+        codes = []
+        for i in range(10):
+            r = await clients[i % 2].post(
+                "/v1/chat/completions", headers={"authorization": "Bearer sk-slow"},
+                json={"model": "m", "messages": [{"role": "user", "content": f"slow {i}"}]})
+            codes.append(r.status_code)
+        assert codes == [200] * 6 + [429] * 4, codes
+        for client in clients:
+            await client.aclose()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            for proc in procs:
+                assert await proc.wait() == 0
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+    # both usage logs together: every request has its event, the spend stays under the cap
+    events = [json.loads(line) for name in ("a", "b")
+              for line in (tmp_path / name / "usage.jsonl").read_text().splitlines()]
+    burst = [e for e in events if (e.get("principal") or {}).get("team") == "burst"]
+    assert len(burst) == 200
+    logged = sum(float(e.get("cost_usd") or 0) for e in burst)
+    assert logged <= cap + 1e-12 and logged == pytest.approx(sum(costs), abs=1e-12)
+    assert all(len((tmp_path / n / "usage.jsonl").read_text().splitlines()) > 0 for n in "ab")
+
+
+# ---- client feedback on any instance ------------------------------------------------------------
+
+
+async def test_feedback_on_an_instance_that_did_not_serve_the_request(
+    mock_upstream: MockUpstream, start_gateway: StartGateway, redis: RedisServer
+) -> None:
+    cfg = shared_config(mock_upstream, redis, "fbx:", state={"feedback_ttl_s": 600},
+                        usage_sinks=[{"type": "jsonl", "path": "usage.jsonl"}])
+    a, b = await start_gateway(cfg), await start_gateway(cfg)
+    served = await a.chat("answer me")
+    assert served.status_code == 200
+    rid = served.headers["x-request-id"]
+    key = f"fbx:req:{rid}"
+    await _poll(lambda: redis.cli("EXISTS", key) == "1", "A records request -> deployment")
+    assert 0 < int(redis.cli("TTL", key)) <= 600
+    deployment = redis.cli("HGET", key, "d")
+    assert deployment == a.gateway.candidates["m"][0].deployment_id
+
+    r = await b.client.post("/v1/feedback", json={"request_id": rid, "outcome": "failure"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"request_id": rid, "status": "applied", "deployment": deployment}
+    # one claim across the fleet: the serving instance sees a duplicate
+    again = await a.client.post("/v1/feedback", json={"request_id": rid, "outcome": "success"})
+    assert again.json()["status"] == "duplicate"
+    # the shared stats moved: A (which never got the feedback itself) reads it back
+    assert redis.cli("HGET", f"fbx:fb:{deployment}", "feedback") == "1"
+    await _poll(lambda: a.gateway.feedback.stats_snapshot()[deployment].feedback == 1,
+                "A reads the feedback B applied")
+    assert a.gateway.feedback.stats_snapshot()[deployment].ewma_success < 1.0
+    unknown = await b.client.post("/v1/feedback", json={"request_id": "nope", "outcome": "success"})
+    assert unknown.status_code == 404
+    await b.stop()
+    await _poll(lambda: (b.data_dir / "usage.jsonl").exists() and any(
+        json.loads(line).get("kind") == "feedback"
+        for line in (b.data_dir / "usage.jsonl").read_text().splitlines()), "feedback event on B")
+
+
+# ---- the shared verdict cache -------------------------------------------------------------------
+
+
+async def test_shared_verdict_cache_reuses_a_verdict_across_instances(
+    mock_upstream: MockUpstream, start_gateway: StartGateway, redis: RedisServer
+) -> None:
+    guardrails = {"input": [{"type": "pii"}, {"type": "secrets"}],
+                  "mesh": {"block_threshold": 2, "redact_on_flag": True, "cache": True}}
+    cfg = shared_config(mock_upstream, redis, "vc:", state={"shared_verdict_cache": True},
+                        guardrails=guardrails)
+    a, b = await start_gateway(cfg), await start_gateway(cfg)
+    text = "mail me at ada@example.com"
+    assert (await a.chat(text)).status_code == 200
+    await _poll(lambda: len(redis.cli("--scan", "--pattern", "vc:vc:*").split()) == 1,
+                "A stores its verdict in redis")
+    [key] = redis.cli("--scan", "--pattern", "vc:vc:*").split()
+    assert 0 < int(redis.cli("TTL", key)) <= 3600
+    r = await b.chat(text)
+    assert r.status_code == 200
+    sent = mock_upstream.received()[-1]["messages"][-1]["content"]
+    assert "ada@example.com" not in sent  # B redacted from the shared verdict
+    stats = b.gateway.verdict_cache.state_summary()  # type: ignore[union-attr]
+    assert stats["shared_hits"] == 1 and stats["puts"] == 0 and stats["hits"] == 1
+    assert (await b.chat(text)).status_code == 200  # now from B's local tier
+    assert b.gateway.verdict_cache.state_summary()["shared_hits"] == 1  # type: ignore[union-attr]
+    # another guardrail config never reuses it (the key carries the config fingerprint)
+    other = shared_config(mock_upstream, redis, "vc:", state={"shared_verdict_cache": True},
+                          guardrails={**guardrails, "mesh": {**guardrails["mesh"],
+                                                             "block_threshold": 1}})
+    c = await start_gateway(other)
+    assert (await c.chat(text)).status_code == 400
+    assert c.gateway.verdict_cache.state_summary()["shared_hits"] == 0  # type: ignore[union-attr]
+    # off by default: a redis-backed gateway without the option keeps verdicts local
+    plain = await start_gateway(shared_config(mock_upstream, redis, "vc2:", guardrails=guardrails))
+    assert (await plain.chat(text)).status_code == 200
+    assert redis.cli("--scan", "--pattern", "vc2:vc:*") == ""
+
+
+# ---- /admin/budgets reads the shared counters ---------------------------------------------------
+
+
+async def test_admin_budgets_shows_the_shared_numbers(
+    mock_upstream: MockUpstream, start_gateway: StartGateway, redis: RedisServer
+) -> None:
+    cfg = shared_config(mock_upstream, redis, "adm:", budgets=[
+        {"scope": "global", "window": "day", "max_cost_usd": 10}])
+    a, b = await start_gateway(cfg), await start_gateway(cfg)
+    costs = []
+    for i in range(3):
+        r = await a.chat(f"spend {i}")
+        costs.append(float(r.headers["x-sbactor-cost-usd"]))
+    redis.cli("SCRIPT", "FLUSH")  # a flushed script cache is reloaded transparently
+    r = await b.chat("spend on b")
+    assert r.status_code == 200
+    costs.append(float(r.headers["x-sbactor-cost-usd"]))
+
+    async def row(gw: RunningGateway) -> dict[str, Any]:
+        [only] = (await gw.client.get("/admin/budgets")).json()["budgets"]
+        return dict(only)
+
+    with trio.fail_after(10):
+        while (await row(b))["spent_usd"] < round(sum(costs), 9) - 1e-9:
+            await trio.sleep(0.02)
+    on_b, on_a = await row(b), await row(a)
+    for view in (on_a, on_b):
+        assert view["source"] == "redis"
+        assert view["spent_usd"] == pytest.approx(sum(costs), abs=1e-9)
+        assert view["fraction"] == pytest.approx(sum(costs) / 10, abs=1e-6)
+    assert on_b["instance_spent_usd"] == pytest.approx(costs[-1], abs=1e-9)
+    assert on_a["instance_spent_usd"] == pytest.approx(sum(costs[:3]), abs=1e-9)
+    redis.kill()  # redis gone: the local mirror, marked as such
+    assert (await b.chat("refused while down")).status_code == 503
+    local = await row(b)
+    assert local["source"] == "local" and local["spent_usd"] == pytest.approx(costs[-1], abs=1e-9)

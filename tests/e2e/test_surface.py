@@ -8,7 +8,7 @@ import openai
 import orjson
 import trio
 
-from tests.conftest import MockUpstream, StartGateway, mock_config
+from tests.conftest import MockUpstream, StartGateway, StartMock, mock_config
 
 SERVED_HEADERS = (
     "x-request-id",
@@ -201,3 +201,58 @@ async def test_virtual_keys(start_gateway: StartGateway, mock_upstream: MockUpst
     assert events[-1]["principal"] == {"key_id": "k1", "user": "alice", "team": "research",
                                        "tier": "pro", "tags": ["beta"]}
     assert key not in (gw.data_dir / "usage.jsonl").read_text()
+
+
+async def test_client_leaving_while_a_stream_opens_frees_the_upstream_connection(
+    start_gateway: StartGateway, start_mock: StartMock
+) -> None:
+    """A disconnect after the upstream's empty opening chunk but before any content must close
+    the upstream request and free its pool slot (max_connections: 1 here, so a leak would turn
+    the next request into a 504), and still record the request."""
+    slow = await start_mock(tokens_per_second=2.0)  # the role chunk now, content much later
+    cfg = _config(slow)
+    cfg["providers"][0]["max_connections"] = 1
+    gw = await start_gateway(cfg)
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "slow"}]}
+    with trio.move_on_after(0.3):
+        async with gw.client.stream("POST", "/v1/chat/completions", json=body) as r:
+            async for _ in r.aiter_bytes():
+                pass
+    with trio.fail_after(5):
+        r = await gw.chat("quick one", max_tokens=1)
+    assert r.status_code == 200, r.text
+    await gw.stop()
+    await trio.sleep(0.2)
+    events = [orjson.loads(x) for x in (gw.data_dir / "usage.jsonl").read_bytes().splitlines()]
+    left = [e for e in events if e.get("client_disconnected")]
+    assert len(left) == 1 and left[0]["status"] == 499
+
+
+async def test_bad_stream_options_and_token_limits_are_400s(
+    start_gateway: StartGateway, mock_upstream: MockUpstream
+) -> None:
+    gw = await start_gateway(_config(mock_upstream))
+    msgs = [{"role": "user", "content": "x"}]
+    bad = [
+        ({"stream": True, "stream_options": "x"}, "stream_options"),
+        ({"max_tokens": None, "max_completion_tokens": -100}, "max_completion_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ]
+    for extra, param in bad:
+        r = await gw.client.post("/v1/chat/completions", json={"model": "m", "messages": msgs, **extra})
+        assert r.status_code == 400, (extra, r.text)
+        assert r.json()["error"]["param"] == param
+    assert mock_upstream.received() == []
+
+
+async def test_stream_ends_with_its_cost_as_an_sse_comment(
+    start_gateway: StartGateway, mock_upstream: MockUpstream
+) -> None:
+    gw = await start_gateway(_config(mock_upstream))
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with gw.client.stream("POST", "/v1/chat/completions", json=body) as r:
+        lines = [line async for line in r.aiter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert lines[-2].startswith(": x-sbactor-cost-usd=")
+    assert float(lines[-2].split("=")[1]) > 0
