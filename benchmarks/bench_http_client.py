@@ -1,4 +1,6 @@
-"""httpx vs httpx2 AsyncClient under trio against the mock upstream (a separate process).
+"""httpx vs httpx2 vs sbactor's own h11 pool (providers/_wire.py) under trio, against the mock
+upstream (a separate process). The CPU column is this process's CPU per request: what the
+client costs the gateway.
 
 For each client and each concurrency level, N tasks share ONE client (as a provider does) and
 POST non-streaming chat completions for a fixed duration. Prints req/s and latency percentiles.
@@ -46,14 +48,58 @@ async def run_level(module: Any, url: str, concurrency: int, duration: float,
                     errors += 1
                 latencies.append(time.perf_counter() - t0)
 
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
         async with trio.open_nursery() as nursery:
             for _ in range(concurrency):
                 nursery.start_soon(worker)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    return _summary(latencies, errors, elapsed, cpu)
+
+
+async def run_level_wire(url: str, concurrency: int, duration: float,
+                         pool: int) -> dict[str, float]:
+    from sbactor.providers._wire import WireError, WirePool
+
+    base, _, path = url.partition("/v1")
+    client = WirePool(base + "/v1", headers={"content-type": "application/json"},
+                      max_connections=pool, connect_timeout_s=5, read_timeout_s=30)
+    latencies: list[float] = []
+    errors = 0
+
+    async def one() -> None:
+        nonlocal errors
+        t0 = time.perf_counter()
+        try:
+            async with client.post(path, BODY) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    errors += 1
+        except WireError:
+            errors += 1
+        latencies.append(time.perf_counter() - t0)
+
+    for _ in range(min(concurrency, 8)):
+        await one()
+    latencies.clear()
+    deadline = trio.current_time() + duration
+
+    async def worker() -> None:
+        while trio.current_time() < deadline:
+            await one()
+
+    start, cpu0 = time.perf_counter(), time.process_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    await client.aclose()
+    return _summary(latencies, errors, elapsed, cpu)
+
+
+def _summary(latencies: list[float], errors: int, elapsed: float, cpu: float) -> dict[str, float]:
     latencies.sort()
     n = len(latencies)
-    return {"rps": n / elapsed, "n": n, "errors": errors,
+    return {"rps": n / elapsed, "n": n, "errors": errors, "cpu_us": cpu / max(n, 1) * 1e6,
             "p50": statistics.median(latencies) * 1000,
             "p99": latencies[min(n - 1, int(n * 0.99))] * 1000}
 
@@ -81,15 +127,19 @@ async def main(args: argparse.Namespace) -> None:
                       f"for {args.duration}s", file=sys.stderr, flush=True)
                 rows.append((name, c, await run_level(module, url, c, args.duration,
                                                       args.max_connections)))
+        for c in levels:
+            print(f"… wire (h11) concurrency={c}", file=sys.stderr, flush=True)
+            rows.append(("sbactor wire", c, await run_level_wire(url, c, args.duration,
+                                                                 args.max_connections)))
     finally:
         proc.terminate()
         await proc.wait()
     print(f"pool max_connections={args.max_connections}")
     print(f"{'client':<14} {'conc':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'requests':>9} {'errors':>7}")
+          f"{'cpu us/req':>10} {'requests':>9} {'errors':>7}")
     for name, c, r in rows:
         print(f"{name:<14} {c:>5} {r['rps']:>8.0f} {r['p50']:>8.1f} {r['p99']:>8.1f} "
-              f"{int(r['n']):>9} {int(r['errors']):>7}")
+              f"{r['cpu_us']:>10.0f} {int(r['n']):>9} {int(r['errors']):>7}")
 
 
 if __name__ == "__main__":
