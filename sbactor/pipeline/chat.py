@@ -122,13 +122,7 @@ async def _handle(gateway: Gateway, incoming: Incoming, surface: str) -> Reply:
         try:
             opened = await open_stream(gateway, ctx, first)
         except GatewayError as err:
-            await finish(
-                gateway,
-                ctx,
-                kind="error",
-                status=err.status,
-                error={"message": err.message, "code": err.code},
-            )
+            await _finish_error(gateway, ctx, err)
             raise
         handed_off = True
         return _stream_reply(gateway, ctx, opened)
@@ -164,6 +158,17 @@ def _stream_reply(gateway: Gateway, ctx: RequestContext, opened: OpenStream) -> 
     return Reply(200, headers, stream=stream, abandon=abandon)
 
 
+async def _finish_error(gateway: Gateway, ctx: RequestContext, err: GatewayError) -> None:
+    """The upstream side failed for good: the event records why (and the attempts)."""
+    await finish(
+        gateway,
+        ctx,
+        kind="error",
+        status=err.status,
+        error={"message": err.message, "code": err.code},
+    )
+
+
 async def _finish_abandoned(gateway: Gateway, ctx: RequestContext, exc: BaseException) -> None:
     """A request that ended without an event (disconnect or a bug) is still recorded."""
     disconnected = isinstance(exc, trio.Cancelled)
@@ -194,13 +199,7 @@ async def _respond_json(gateway: Gateway, ctx: RequestContext, first: Any, call:
     try:
         served: Served = await dispatch(gateway, ctx, call, first)
     except GatewayError as err:
-        await finish(
-            gateway,
-            ctx,
-            kind="error",
-            status=err.status,
-            error={"message": err.message, "code": err.code},
-        )
+        await _finish_error(gateway, ctx, err)
         raise
     upstream = served.response
     payload = dict(upstream.json or {})

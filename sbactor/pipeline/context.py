@@ -144,19 +144,3 @@ def validate_embeddings(body: dict[str, Any]) -> None:
         raise bad_request("missing required field 'input'", "missing_field", "input")
     if not isinstance(data, str | list) or (isinstance(data, list) and not data):
         raise bad_request("'input' must be a string or a non-empty array", "invalid_type", "input")
-
-
-def message_texts(messages: list[dict[str, Any]]) -> list[str]:
-    """The text the guardrails look at: every string content and text part."""
-    texts: list[str] = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and part.get("type") == "text":
-                    text = part.get("text")
-                    if isinstance(text, str):
-                        texts.append(text)
-    return texts

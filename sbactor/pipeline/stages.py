@@ -19,8 +19,8 @@ from sbactor.budget.scopes import RequestScopes
 from sbactor.errors import GatewayError
 from sbactor.gateway import Gateway, worst_case_usd
 from sbactor.guardrails.mesh import evaluate
-from sbactor.guardrails.redaction import redact_messages
-from sbactor.pipeline.context import RequestContext, message_texts
+from sbactor.guardrails.redaction import message_texts, redact_messages
+from sbactor.pipeline.context import RequestContext
 from sbactor.policy.activation import build_activation, neutral_activation
 from sbactor.routing.strategies import Candidate
 

@@ -377,6 +377,13 @@ async def test_scale_out_example_serves(
                              json={"model": "gpt-4o-mini",
                                    "messages": [{"role": "user", "content": "hello"}]})
     assert r.status_code == 200, r.text
+    rid = r.headers["x-request-id"]
+    await _poll(lambda: redis.cli("EXISTS", f"sbactor-demo:req:{rid}") == "1", "request map")
+    fb = await gw.client.post("/v1/feedback", headers={"authorization": "Bearer sk-demo-alice"},
+                              json={"request_id": rid, "outcome": "success"})
+    assert fb.json()["status"] == "applied", fb.text
+    admin = await gw.client.get("/admin/budgets", headers={"x-admin-key": "admin-demo"})
+    assert admin.json()["budgets"][0]["source"] == "redis"
 
 
 # ---- separate processes -------------------------------------------------------------------------
