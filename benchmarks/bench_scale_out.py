@@ -2,7 +2,9 @@
 
 Starts redis-server (from PATH, loopback, no persistence) and the mock upstream as
 subprocesses, then runs `sbactor serve` (with a budget and an rpm limit, so every request does
-the state round trips) under a bounded load. Progress on stderr, table on stdout.
+the state round trips) under a bounded load. Progress on stderr, table on stdout. Besides
+wall-clock numbers it reports the gateway's CPU time per request (from /proc), which stays
+comparable when other processes share the machine.
 
     python benchmarks/bench_scale_out.py [--seconds 5] [--concurrency 32]
 """
@@ -95,8 +97,23 @@ async def load(port: int, seconds: float, concurrency: int, label: str) -> tuple
     return done, p50, errors
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of ``pid`` and its direct children (the workers), from /proc:
+    unlike wall-clock numbers it barely moves when other processes share the cores."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def run_case(cfg: dict, workers: int, seconds: float, concurrency: int, label: str,
-             tmp: Path) -> tuple[float, float, int]:
+             tmp: Path) -> tuple[float, float, int, float]:
     path = tmp / f"{label.replace(' ', '_')}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     port = free_port()
@@ -109,11 +126,13 @@ def run_case(cfg: dict, workers: int, seconds: float, concurrency: int, label: s
         wait_port(port)
         time.sleep(1.0 if workers > 1 else 0.3)  # let every worker bind
         trio.run(load, port, 1.0, concurrency, label + " (warm-up)")
+        cpu = cpu_seconds(proc.pid)
         done, p50, errors = trio.run(load, port, seconds, concurrency, label)
+        cpu = cpu_seconds(proc.pid) - cpu
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    return done / seconds, p50, errors
+    return done / seconds, p50, errors, cpu * 1000 / max(done + errors, 1)
 
 
 def main() -> None:
@@ -141,18 +160,23 @@ def main() -> None:
         ]
         for label, cfg, workers, conc in cases:
             name = f"{label} c={conc}"
-            rps, p50, errors = run_case(cfg, workers, args.seconds, conc, name, tmp)
-            rows.append((label, conc, rps, p50, errors))
+            rps, p50, errors, cpu = run_case(cfg, workers, args.seconds, conc, name, tmp)
+            rows.append((label, conc, rps, p50, errors, cpu))
     finally:
         upstream.terminate()
         redis.terminate()
     print(f"cpus: {os.cpu_count()}  seconds per case: {args.seconds}")
-    print(f"{'case':<20} {'conc':>5} {'req/s':>9} {'p50 ms':>8} {'errors':>7}")
-    for label, conc, rps, p50, errors in rows:
-        print(f"{label:<20} {conc:>5} {rps:>9.1f} {p50:>8.2f} {errors:>7}")
+    print(f"{'case':<20} {'conc':>5} {'req/s':>9} {'p50 ms':>8} {'errors':>7} {'cpu ms/req':>11}")
+    for label, conc, rps, p50, errors, cpu in rows:
+        print(f"{label:<20} {conc:>5} {rps:>9.1f} {p50:>8.2f} {errors:>7} {cpu:>11.2f}")
     base = {(r[0], r[1]): r for r in rows}
     m1, r1 = base[("memory, 1 worker", 1)], base[("redis, 1 worker", 1)]
-    print(f"redis overhead per request at c=1: {r1[3] - m1[3]:+.2f} ms (p50)")
+    print(f"redis overhead per request at c=1: {r1[3] - m1[3]:+.2f} ms (p50), "
+          f"{r1[5] - m1[5]:+.2f} ms gateway CPU")
+    mc, rc = (base[("memory, 1 worker", args.concurrency)],
+              base[("redis, 1 worker", args.concurrency)])
+    print(f"redis overhead per request at c={args.concurrency}: {rc[5] - mc[5]:+.2f} ms gateway "
+          f"CPU; throughput redis / memory {rc[2] / mc[2]:.2f}x")
     one = base[("redis, 1 worker", args.concurrency)][2]
     two = base[("redis, 2 workers", args.concurrency)][2]
     print(f"2 workers / 1 worker throughput (redis): {two / one:.2f}x")

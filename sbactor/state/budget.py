@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -43,6 +44,8 @@ log = logging.getLogger("sbactor.state.budget")
 
 #: Spend waiting for Redis to come back (oldest dropped beyond this, with an error log).
 MAX_PENDING = 100_000
+#: Messages per Redis round trip (pre-flights and reconciles pipelined: see handle_batch).
+BATCH = 64
 #: Window keys live this long past their window's end (late reconciles still land).
 KEY_GRACE_S = 3600
 
@@ -83,6 +86,7 @@ class SharedBudgetTracker(BudgetTracker):
 
     async def on_start(self) -> None:
         await super().on_start()
+        self.batch_size = max(self.batch_size, BATCH)
         if self.state is not None:
             self.state.on_recover(self._request_flush)
 
@@ -92,12 +96,28 @@ class SharedBudgetTracker(BudgetTracker):
         except (ActorClosed, trio.WouldBlock):  # full mailbox: the next tick flushes
             pass
 
+    async def handle_batch(self, messages: Sequence[Any]) -> list[Any]:
+        """Every pre-flight and reconcile waiting in the mailbox goes to Redis in one pipelined
+        round trip (in mailbox order; each script is still atomic on its own), so under load
+        the actor is not bounded by one Redis round trip per message."""
+        results: list[Any] = []
+        run: list[Any] = []
+        for message in messages:
+            if isinstance(message, PreflightRequest | Reconcile):
+                run.append(message)
+                continue
+            if run:
+                results += await self._scripted(run)
+                run = []
+            results.append(await self.handle(message))
+        if run:
+            results += await self._scripted(run)
+        return results
+
     async def handle(self, message: Any) -> Any:
-        if isinstance(message, PreflightRequest):
-            return await self._shared_preflight(message)
-        if isinstance(message, Reconcile):
-            await self._shared_reconcile(message)
-            return None
+        if isinstance(message, PreflightRequest | Reconcile):
+            [result] = await self._scripted([message])
+            return result
         if isinstance(message, _Flush):
             await self._flush()
             return None
@@ -132,9 +152,42 @@ class SharedBudgetTracker(BudgetTracker):
 
     # ---- pre-flight --------------------------------------------------------------------------
 
-    async def _shared_preflight(self, req: PreflightRequest) -> PreflightResult:
+    async def _scripted(self, messages: Sequence[PreflightRequest | Reconcile]) -> list[Any]:
+        """Plan each message's script, run them all in one round trip, then finish each."""
         assert self.state is not None
         now = self._now()
+        plans: list[tuple[str, list[str], list[Any], Any] | None] = []
+        for message in messages:
+            if isinstance(message, PreflightRequest):
+                plans.append(self._plan_preflight(message, now))
+            else:
+                plans.append(await self._plan_reconcile(message, now))
+        calls = [(name, keys, args) for plan in plans if plan is not None
+                 for name, keys, args, _ctx in (plan,)]
+        try:
+            replies = await self.state.run_scripts(calls) if calls else []
+        except StateUnavailable as exc:
+            replies = [exc] * len(calls)
+        answers = iter(replies)
+        results: list[Any] = []
+        for message, plan in zip(messages, plans, strict=True):
+            if plan is None:
+                results.append(None)
+                continue
+            reply = next(answers)
+            if isinstance(message, PreflightRequest):
+                results.append(self._finish_preflight(message, plan[3], reply, now))
+            else:
+                held, cost, tokens = plan[3]
+                if isinstance(reply, StateUnavailable):
+                    self._queue(held, cost, tokens)
+                results.append(None)
+        return results
+
+    def _plan_preflight(
+        self, req: PreflightRequest, now: float
+    ) -> tuple[str, list[str], list[Any], Any]:
+        assert self.state is not None
         tokens = req.input_tokens + req.max_output_tokens
         rate_keys, budget_keys = self._keys(req.scopes, now)
         cost = req.cost_estimate_usd
@@ -151,10 +204,14 @@ class SharedBudgetTracker(BudgetTracker):
             keys += [key, key + ":h"]
             args += [-1 if b.max_cost_usd is None else b.max_cost_usd,
                      -1 if b.max_tokens is None else b.max_tokens, ttl]
-        try:
-            reply = await self.state.run_script("reserve", keys, args)
-        except StateUnavailable as exc:
-            return self._unavailable(req, str(exc))
+        return "reserve", keys, args, (member, rate_keys, budget_keys, budget_ids, cost, tokens)
+
+    def _finish_preflight(
+        self, req: PreflightRequest, ctx: Any, reply: Any, now: float
+    ) -> PreflightResult:
+        if isinstance(reply, StateUnavailable):
+            return self._unavailable(req, str(reply))
+        member, rate_keys, budget_keys, budget_ids, cost, tokens = ctx
         status = reply[0]
         if status == "rate":
             li, lvalue = rate_counters_for(self.rate_limits, req.scopes)[int(reply[1]) - 1]
@@ -241,14 +298,15 @@ class SharedBudgetTracker(BudgetTracker):
 
     # ---- reconcile ---------------------------------------------------------------------------
 
-    async def _shared_reconcile(self, message: Reconcile) -> None:
-        now = self._now()
+    async def _plan_reconcile(
+        self, message: Reconcile, now: float
+    ) -> tuple[str, list[str], list[Any], Any] | None:
         held = self._held.pop(message.request_id, None)
         local_scopes = self._local.pop(message.request_id, None)
         if held is None and local_scopes is None:
             if message.scopes is None or (message.actual_cost_usd <= 0 and
                                           message.actual_tokens <= 0):
-                return
+                return None
             # no pre-flight here (expired, or skipped): record the spend against the scopes
             held = self._spend_only(message.scopes, now)
         # the local book mirrors this instance's spend (fail_open falls back on it)
@@ -257,8 +315,9 @@ class SharedBudgetTracker(BudgetTracker):
         if local_scopes is not None:
             held = self._spend_only(local_scopes, now)  # decided locally: push the spend only
         assert held is not None
-        if not await self._push(held, message.actual_cost_usd, message.actual_tokens, now):
-            self._queue(held, message.actual_cost_usd, message.actual_tokens)
+        cost, tokens = message.actual_cost_usd, message.actual_tokens
+        keys, args = self._reconcile_call(held, cost, tokens, now)
+        return "reconcile", keys, args, (held, cost, tokens)
 
     def _spend_only(self, scopes: RequestScopes, now: float) -> _Held:
         _rate_keys, budget_keys = self._keys(scopes, now)
@@ -267,11 +326,18 @@ class SharedBudgetTracker(BudgetTracker):
             tuple(t for _k, _l, t in budget_keys), 0, math.floor(now), scopes,
         )
 
-    async def _push(self, held: _Held, cost: float, tokens: int, now: float) -> bool:
-        assert self.state is not None
+    @staticmethod
+    def _reconcile_call(
+        held: _Held, cost: float, tokens: int, now: float
+    ) -> tuple[list[str], list[Any]]:
         keys = list(held.rate_keys) + list(held.budget_keys)
         args: list[Any] = [repr(now), held.member, repr(cost), tokens, held.tokens, held.second,
                            len(held.rate_keys), *held.ttls]
+        return keys, args
+
+    async def _push(self, held: _Held, cost: float, tokens: int, now: float) -> bool:
+        assert self.state is not None
+        keys, args = self._reconcile_call(held, cost, tokens, now)
         try:
             await self.state.run_script("reconcile", keys, args)
         except StateUnavailable:

@@ -21,7 +21,7 @@ import attrs
 import trio
 
 from sbactor.config import StateConfig
-from sbactor.state.resp import RespClient
+from sbactor.state.resp import RedisError, RespClient
 from sbactor.state.scripts import SCRIPTS
 
 log = logging.getLogger("sbactor.state")
@@ -161,6 +161,23 @@ class StateClient:
     async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run one of ``SCRIPTS`` atomically; ``StateUnavailable`` if Redis cannot answer now."""
         return await self._guarded(self._redis.evalsha, SCRIPTS[name], keys, args)
+
+    async def run_scripts(
+        self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Several of ``SCRIPTS`` in one round trip, in order (each atomic on its own)."""
+        result: list[Any] = await self._guarded(self._scripts_or_raise, calls)
+        return result
+
+    async def _scripts_or_raise(
+        self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        replies = await self._redis.evalsha_many(
+            [(SCRIPTS[name], keys, args) for name, keys, args in calls])
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                raise reply
+        return replies
 
     async def command(self, *args: Any) -> Any:
         """One plain command (GET, SET, SCAN, …); same failure rules as ``run_script``."""

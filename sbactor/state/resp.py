@@ -245,16 +245,32 @@ class RespClient:
     async def evalsha(self, source: str, keys: Sequence[Any], args: Iterable[Any]) -> Any:
         """Run a Lua script by SHA; on ``NOSCRIPT`` (a restarted or flushed Redis) send its
         source once with EVAL, which caches it again."""
-        sha = self._shas.get(source)
-        if sha is None:
-            sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
-        argv = list(args)
-        [reply] = await self.pipeline([("EVALSHA", sha, len(keys), *keys, *argv)])
-        if isinstance(reply, RedisError) and str(reply).startswith("NOSCRIPT"):
-            [reply] = await self.pipeline([("EVAL", source, len(keys), *keys, *argv)])
+        [reply] = await self.evalsha_many([(source, keys, args)])
         if isinstance(reply, RedisError):
             raise reply
         return reply
+
+    async def evalsha_many(
+        self, calls: Sequence[tuple[str, Sequence[Any], Iterable[Any]]]
+    ) -> list[Any]:
+        """Several scripts in one round trip (each atomic, run in order). Scripts Redis does
+        not know (``NOSCRIPT``) are sent again with EVAL in a second round trip, after the
+        others. Error replies are returned as ``RedisError`` values."""
+        commands = []
+        for source, keys, args in calls:
+            sha = self._shas.get(source)
+            if sha is None:
+                sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
+            commands.append(["EVALSHA", sha, len(keys), *keys, *args])
+        replies = await self.pipeline(commands)
+        missing = [i for i, r in enumerate(replies)
+                   if isinstance(r, RedisError) and str(r).startswith("NOSCRIPT")]
+        if missing:
+            again = await self.pipeline([["EVAL", calls[i][0], *commands[i][2:]]
+                                         for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
 
     async def reset(self) -> None:
         """Close every idle connection (after a failure: they may all be dead)."""
