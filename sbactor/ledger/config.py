@@ -63,7 +63,7 @@ class LedgerSinkConfig:
     )
     #: with durability batch: after a batch's first event, wait this long for more before
     #: writing and fsyncing them together (fewer fsyncs under load; strict ignores it)
-    batch_window_ms: float = attrs.field(default=5.0, validator=_at_least(0.0))
+    batch_window_ms: float = attrs.field(default=20.0, validator=_at_least(0.0))
     checkpoint_every: int = attrs.field(default=1000, validator=_at_least(1))
     checkpoint_interval_s: float = attrs.field(default=10.0, validator=_at_least(0.001))
     segment_max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_at_least(1024))
