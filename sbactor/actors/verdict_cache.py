@@ -78,6 +78,9 @@ class VerdictCache(Actor):
             return dropped
         raise TypeError(f"VerdictCache cannot handle {type(message).__name__}")
 
+    #: a second tier behind the local LRU (Redis): a local miss must then ask the actor
+    remote_tier = False
+
     # The sync core, used by the handler (and directly by tests and benchmarks).
 
     def get(self, key: str) -> GuardrailResult | None:

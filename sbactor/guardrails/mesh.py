@@ -141,6 +141,12 @@ async def _evaluate_simple(
 
 
 async def _cache_get(cache: VerdictCache, key: str, wait_s: float) -> GuardrailResult | None:
+    # The local LRU is read directly: a sync read of the actor's dict is safe in trio's single
+    # thread and saves a round trip per request (writes still go through the mailbox). Only a
+    # remote tier (Redis) needs the actor.
+    hit = cache.get(key)
+    if hit is not None or not cache.remote_tier:
+        return hit
     try:
         hit = await cache.call(Get(key), timeout=wait_s)
     except (ActorClosed, ActorError, trio.TooSlowError):

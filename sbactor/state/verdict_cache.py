@@ -38,6 +38,7 @@ def load_result(data: str | bytes) -> GuardrailResult:
 
 @attrs.define(eq=False)
 class SharedVerdictCache(VerdictCache):
+    remote_tier = True
     state: StateClient | None = None
     ttl_s: int = 3600
 
@@ -51,10 +52,9 @@ class SharedVerdictCache(VerdictCache):
         return f"{self.state.prefix}vc:{key}"
 
     async def handle(self, message: Any) -> Any:
-        if isinstance(message, Get):
-            local = self.get(message.key)
-            if local is not None or self.state is None or not self.state.up:
-                return local
+        if isinstance(message, Get):  # the local tier was already read (mesh._cache_get)
+            if self.state is None or not self.state.up:
+                return None
             return await self._shared_get(message.key)
         if isinstance(message, Put):
             self.put(message.key, message.result)
