@@ -250,8 +250,9 @@ class Actor:
         except trio.EndOfChannel:
             return None
         batch = [first]
-        if self.batch_window_s > 0 and self.batch_size > 1:
-            await trio.sleep(self.batch_window_s)  # group commit: let the batch fill up
+        waiting = self._receive.statistics().current_buffer_used
+        if self.batch_window_s > 0 and 0 < self.batch_size - 1 - waiting:
+            await trio.sleep(self.batch_window_s)  # group commit: let a short batch fill up
         while len(batch) < self.batch_size:
             try:
                 batch.append(self._receive.receive_nowait())
