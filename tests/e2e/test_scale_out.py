@@ -320,20 +320,23 @@ async def test_two_workers_serve_one_port_and_verify_as_separate_chains(
     config_file = tmp_path / "sbactor.yaml"
     config_file.write_text(yaml.safe_dump(cfg))
     data = tmp_path / "data"
-    port = _free_port()
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "sbactor", "serve", "--config", str(config_file), "--bind",
-         f"127.0.0.1:{port}", "--data-dir", str(data), "--workers", "2"],
-        stdout=subprocess.PIPE, cwd=REPO,
-    )
+    errors = tmp_path / "workers.err"
+    with errors.open("wb") as stderr:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "sbactor", "serve", "--config", str(config_file), "--bind",
+             "127.0.0.1:0", "--data-dir", str(data), "--workers", "2"],
+            stdout=subprocess.PIPE, stderr=stderr, cwd=REPO,
+        )
     try:
         assert proc.stdout is not None
         with trio.fail_after(20):
             line = b""
             while b"(2 workers)" not in line:
                 chunk = await proc.stdout.receive_some()
-                assert chunk, "workers parent exited early"
+                assert chunk, f"workers parent exited early: {errors.read_text()[-2000:]}"
                 line += chunk
+        # "sbactor listening on http://127.0.0.1:PORT (2 workers)": the parent reserved a port
+        port = int(line.split(b"(2 workers)")[0].rsplit(b":", 1)[1])
         async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             for i in range(20):
                 # a fresh connection each time so the kernel can spread them over the workers
