@@ -63,6 +63,20 @@ class PreflightResult:
     reserved_usd: float = 0.0
     degraded: bool = False  # decided on local counters: shared state unavailable (fail_open)
 
+    @classmethod
+    def admitted(cls, decision: Decision, reserved_usd: float) -> PreflightResult:
+        """The request fits: reserved, with the soft-landing decision for its scopes."""
+        return cls(
+            ok=True,
+            fraction=decision.fraction,
+            forecast_fraction=decision.forecast_fraction,
+            warn=decision.warn,
+            warning=decision.message,
+            downgrade=decision.downgrade,
+            downgrade_to=decision.downgrade_to,
+            reserved_usd=reserved_usd,
+        )
+
     def headers(self) -> dict[str, str]:
         """Response headers: ``Retry-After`` on refusals, the budget warning when near a cap."""
         out: dict[str, str] = {}
@@ -307,16 +321,7 @@ class BudgetTracker(Actor):
         self._limiter.commit(req.request_id, req.scopes, tokens, now)
         self._dirty = True
         self._note_warning(decision, now)
-        return PreflightResult(
-            ok=True,
-            fraction=decision.fraction,
-            forecast_fraction=decision.forecast_fraction,
-            warn=decision.warn,
-            warning=decision.message,
-            downgrade=decision.downgrade,
-            downgrade_to=decision.downgrade_to,
-            reserved_usd=cost,
-        )
+        return PreflightResult.admitted(decision, cost)
 
     def _note_warning(self, decision: Decision, now: float) -> None:
         if decision.downgrade:

@@ -57,31 +57,46 @@ class CheapDetector:
 
 
 @attrs.frozen
-class PiiDetector(CheapDetector):
-    cfg: PiiConfig = attrs.field(kw_only=True)
-    kind = "pii"
+class SpanDetector(CheapDetector):
+    """Flags when it finds any span, and masks those spans when its config says ``redact``."""
+
+    def _find(self, text: str) -> list[Span]:
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        return self.kind
+
+    @property
+    def redacts(self) -> bool:
+        return bool(getattr(self, "cfg").redact)  # noqa: B009 - every subclass has a cfg
 
     def check(self, text: str) -> Verdict:
-        spans = find_pii(text, self.cfg.entities)
+        spans = self._find(text)
         return ok(
             self.name,
             self.kind,
             flagged=bool(spans),
             score=1.0 if spans else 0.0,
-            labels=("pii",),
+            labels=(self.label,),
             spans=tuple(spans),
         )
 
     def redaction_spans(self, text: str) -> list[Span]:
-        return find_pii(text, self.cfg.entities) if self.cfg.redact else []
-
-    @property
-    def redacts(self) -> bool:
-        return self.cfg.redact
+        return self._find(text) if self.redacts else []
 
 
 @attrs.frozen
-class SecretsDetector(CheapDetector):
+class PiiDetector(SpanDetector):
+    cfg: PiiConfig = attrs.field(kw_only=True)
+    kind = "pii"
+
+    def _find(self, text: str) -> list[Span]:
+        return find_pii(text, self.cfg.entities)
+
+
+@attrs.frozen
+class SecretsDetector(SpanDetector):
     cfg: SecretsConfig = attrs.field(kw_only=True)
     kind = "secrets"
 
@@ -93,23 +108,6 @@ class SecretsDetector(CheapDetector):
             entropy_min_length=self.cfg.entropy_min_length,
         )
 
-    def check(self, text: str) -> Verdict:
-        spans = self._find(text)
-        return ok(
-            self.name,
-            self.kind,
-            flagged=bool(spans),
-            score=1.0 if spans else 0.0,
-            labels=("secrets",),
-            spans=tuple(spans),
-        )
-
-    def redaction_spans(self, text: str) -> list[Span]:
-        return self._find(text) if self.cfg.redact else []
-
-    @property
-    def redacts(self) -> bool:
-        return self.cfg.redact
 
 
 @attrs.frozen
@@ -132,7 +130,7 @@ class InjectionDetector(CheapDetector):
 
 
 @attrs.frozen
-class DenylistDetector(CheapDetector):
+class DenylistDetector(SpanDetector):
     cfg: DenylistConfig = attrs.field(kw_only=True)
     pattern: re.Pattern[str] | None = attrs.field(kw_only=True)
     kind = "denylist"
@@ -143,23 +141,9 @@ class DenylistDetector(CheapDetector):
         entity = self.cfg.label.upper()
         return [Span(m.start(), m.end(), entity) for m in self.pattern.finditer(text)]
 
-    def check(self, text: str) -> Verdict:
-        spans = self._find(text)
-        return ok(
-            self.name,
-            self.kind,
-            flagged=bool(spans),
-            score=1.0 if spans else 0.0,
-            labels=(self.cfg.label,),
-            spans=tuple(spans),
-        )
-
-    def redaction_spans(self, text: str) -> list[Span]:
-        return self._find(text) if self.cfg.redact else []
-
     @property
-    def redacts(self) -> bool:
-        return self.cfg.redact
+    def label(self) -> str:
+        return self.cfg.label
 
 
 @attrs.frozen

@@ -245,16 +245,7 @@ class SharedBudgetTracker(BudgetTracker):
             tokens, math.floor(now), req.scopes,
         )
         self._note_warning(decision, now)
-        return PreflightResult(
-            ok=True,
-            fraction=decision.fraction,
-            forecast_fraction=decision.forecast_fraction,
-            warn=decision.warn,
-            warning=decision.message,
-            downgrade=decision.downgrade,
-            downgrade_to=decision.downgrade_to,
-            reserved_usd=cost,
-        )
+        return PreflightResult.admitted(decision, cost)
 
     def _budget_refusal(
         self, bi: int, value: str, dimension: str, spent: float, reserved: float,
