@@ -53,6 +53,7 @@ class _Feedback:
     request_id: str
     outcome: str
     score: float | None
+    owner: str = ""
 
 
 @attrs.define
@@ -60,6 +61,7 @@ class _Served:
     deployment_id: str
     model: str
     feedback_done: bool = False
+    owner: str = ""
 
 
 def _check_feedback(outcome: str, score: float | None) -> float:
@@ -112,14 +114,14 @@ class FeedbackStore(Actor):
         self.cast_nowait(outcome)
 
     async def feedback(
-        self, request_id: str, outcome: str, score: float | None = None
+        self, request_id: str, outcome: str, score: float | None = None, *, owner: str = ""
     ) -> FeedbackResult:
         """Fold a client-verified outcome into the success rate of the deployment that served
         ``request_id``. Raises ``ValueError`` (→ 400) for a bad outcome/score; waits at most
         ``call_timeout_s`` (``ActorCallTimeout``)."""
         _check_feedback(outcome, score)
         result: FeedbackResult = await self.call(
-            _Feedback(request_id, outcome, score), timeout=self.call_timeout_s
+            _Feedback(request_id, outcome, score, owner), timeout=self.call_timeout_s
         )
         return result
 
@@ -201,12 +203,14 @@ class FeedbackStore(Actor):
         self._replace(o.deployment_id, update_stats(current, o, s.alpha, now))
         self._outcomes += 1
         self._served.pop(o.request_id, None)
-        self._served[o.request_id] = _Served(o.deployment_id, o.model)
+        self._served[o.request_id] = _Served(o.deployment_id, o.model, owner=o.owner)
         while len(self._served) > s.feedback_capacity:
             self._served.popitem(last=False)
 
     def _apply(self, f: _Feedback) -> FeedbackResult:
         served = self._served.get(f.request_id)
+        if served is not None and served.owner != f.owner:
+            served = None  # another key's request: answered as unknown, its existence not leaked
         if served is None:
             self._feedback_counts["unknown"] += 1
             return FeedbackResult("unknown", f.request_id)

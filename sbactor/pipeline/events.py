@@ -171,6 +171,7 @@ def _feed_routing(
                 refused=provider_refused,
                 cost_usd=event.cost_usd,
                 latency_s=event.upstream_latency_ms / 1000,
+                owner=ctx.principal.key_id or "",
             )
         )
     for outcome in outcomes:

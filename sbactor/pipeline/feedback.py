@@ -28,7 +28,9 @@ async def handle_feedback(gateway: Gateway, incoming: Incoming) -> Reply:
     if score is not None and (not isinstance(score, int | float) or isinstance(score, bool)):
         raise bad_request("'score' must be a number between 0 and 1", "invalid_type", "score")
     try:
-        result = await gateway.feedback.feedback(target, outcome, score)
+        result = await gateway.feedback.feedback(
+            target, outcome, score, owner=principal.key_id or ""
+        )
     except ValueError as exc:
         raise bad_request(str(exc), "invalid_value") from None
     if result.status == "unknown":

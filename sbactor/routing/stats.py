@@ -45,6 +45,7 @@ class Outcome:
     refused: bool = False
     cost_usd: float = 0.0
     latency_s: float = 0.0
+    owner: str = ""  # the virtual key that asked: only it may send feedback on this request
 
 
 @attrs.frozen

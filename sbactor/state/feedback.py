@@ -102,7 +102,7 @@ class SharedFeedbackStore(FeedbackStore):
             await self._push(message.deployment_id, "outcome", [
                 int(message.success), int(message.refused), repr(float(message.cost_usd)),
                 repr(float(message.latency_s)), 0,
-            ], request=(message.request_id, message.model) if served else None)
+            ], request=(message.request_id, message.model, message.owner) if served else None)
             return None
         if isinstance(message, _Feedback):
             return await self._shared_feedback(message)
@@ -112,7 +112,7 @@ class SharedFeedbackStore(FeedbackStore):
         return await super().handle(message)
 
     async def _push(self, deployment_id: str, kind: str, values: list[Any],
-                    request: tuple[str, str] | None = None) -> None:
+                    request: tuple[str, str, str] | None = None) -> None:
         if self.state is None:
             return
         s = self.settings
@@ -121,7 +121,7 @@ class SharedFeedbackStore(FeedbackStore):
         args = [deployment_id, repr(self.wall()), s.alpha, s.decay_s, kind, *values]
         if request is not None:
             keys.append(f"{prefix}req:{request[0]}")
-            args += [request[1], self.request_ttl_s]
+            args += [request[1], self.request_ttl_s, request[2]]
         try:
             await self.state.run_script("feedback_update", keys, args)
         except StateUnavailable:
@@ -141,7 +141,7 @@ class SharedFeedbackStore(FeedbackStore):
                     "feedback_claim",
                     [f"{prefix}req:{message.request_id}", f"{prefix}fb:index"],
                     [f"{prefix}fb:", repr(self.wall()), self.settings.alpha,
-                     self.settings.decay_s, repr(value)],
+                     self.settings.decay_s, repr(value), message.owner],
                 )
             except StateUnavailable:
                 reply = None

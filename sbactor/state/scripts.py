@@ -215,7 +215,7 @@ fold(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(A
      ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]),
      tonumber(ARGV[10]))
 if #KEYS >= 3 then
-  redis.call('HSET', KEYS[3], 'd', ARGV[1], 'm', ARGV[11])
+  redis.call('HSET', KEYS[3], 'd', ARGV[1], 'm', ARGV[11], 'o', ARGV[13] or '')
   redis.call('EXPIRE', KEYS[3], tonumber(ARGV[12]))
 end
 return 'ok'
@@ -223,11 +223,13 @@ return 'ok'
 
 # Client feedback for a request any instance served: claim it once (first claim wins, on every
 # instance) and fold it into the serving deployment's shared EWMAs.
-# KEYS: request key, index set. ARGV: stats key prefix, now (wall s), alpha, decay_s, value.
+# KEYS: request key, index set. ARGV: stats key prefix, now (wall s), alpha, decay_s, value,
+# owner (the virtual key id; another key's request answers as unknown).
 # Returns {'unknown'} | {'duplicate', deployment, model} | {'applied', deployment, model}.
 FEEDBACK_CLAIM = _FOLD + """
 local d = redis.call('HGET', KEYS[1], 'd')
 if not d then return {'unknown'} end
+if (redis.call('HGET', KEYS[1], 'o') or '') ~= (ARGV[6] or '') then return {'unknown'} end
 local m = redis.call('HGET', KEYS[1], 'm') or ''
 if redis.call('HSETNX', KEYS[1], 'f', '1') == 0 then return {'duplicate', d, m} end
 fold(ARGV[1] .. d, KEYS[2], d, tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),

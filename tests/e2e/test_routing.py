@@ -509,3 +509,29 @@ async def test_example_config_routes_away_from_the_refusing_provider(
     assert deps["cheap"]["refusal_rate"] > 0 and deps["steady"]["refusal_rate"] == 0
     r = await gw.client.post("/v1/feedback", json={"request_id": first_id, "outcome": "success"})
     assert r.status_code == 200 and r.json()["status"] == "applied"
+
+
+async def test_feedback_only_from_the_key_that_asked(
+    start_gateway: StartGateway, mock_upstream: MockUpstream
+) -> None:
+    import hashlib
+
+    alice, bob = "sk-owner-alice", "sk-owner-bob"
+    cfg = mock_config(mock_upstream)
+    cfg["server"] = {"auth": "keys"}
+    cfg["keys"] = [
+        {"id": "alice", "key_sha256": hashlib.sha256(alice.encode()).hexdigest()},
+        {"id": "bob", "key_sha256": hashlib.sha256(bob.encode()).hexdigest()},
+    ]
+    gw = await start_gateway(cfg)
+    served = await gw.client.post(
+        "/v1/chat/completions", headers={"authorization": f"Bearer {alice}"},
+        json={"model": "m", "messages": [{"role": "user", "content": "mine"}]})
+    rid = served.headers["x-request-id"]
+    body = {"request_id": rid, "outcome": "failure"}
+    other = await gw.client.post("/v1/feedback", json=body,
+                                 headers={"authorization": f"Bearer {bob}"})
+    assert other.status_code == 404  # answered as unknown: another key's request is not revealed
+    mine = await gw.client.post("/v1/feedback", json=body,
+                                headers={"authorization": f"Bearer {alice}"})
+    assert mine.status_code == 200 and mine.json()["status"] == "applied"

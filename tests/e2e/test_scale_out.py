@@ -7,6 +7,7 @@ missing redis-server is a failure: .ci/run installs it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -603,3 +604,29 @@ async def test_admin_budgets_shows_the_shared_numbers(
     assert (await b.chat("refused while down")).status_code == 503
     local = await row(b)
     assert local["source"] == "local" and local["spent_usd"] == pytest.approx(costs[-1], abs=1e-9)
+
+
+async def test_only_the_key_that_asked_may_send_feedback_across_instances(
+    mock_upstream: MockUpstream, start_gateway: StartGateway, redis: RedisServer
+) -> None:
+    alice, bob = "sk-owner-alice", "sk-owner-bob"
+    cfg = shared_config(mock_upstream, redis, "fbo:")
+    cfg["server"] = {"auth": "keys"}
+    cfg["keys"] = [
+        {"id": "alice", "key_sha256": hashlib.sha256(alice.encode()).hexdigest()},
+        {"id": "bob", "key_sha256": hashlib.sha256(bob.encode()).hexdigest()},
+    ]
+    a, b = await start_gateway(cfg), await start_gateway(cfg)
+    served = await a.client.post(
+        "/v1/chat/completions", headers={"authorization": f"Bearer {alice}"},
+        json={"model": "m", "messages": [{"role": "user", "content": "mine"}]})
+    assert served.status_code == 200
+    rid = served.headers["x-request-id"]
+    await _poll(lambda: redis.cli("EXISTS", f"fbo:req:{rid}") == "1", "A records the request")
+    body = {"request_id": rid, "outcome": "failure"}
+    for gw in (a, b):  # bob is refused on the serving instance and on the other one
+        r = await gw.client.post("/v1/feedback", json=body,
+                                 headers={"authorization": f"Bearer {bob}"})
+        assert r.status_code == 404, r.text
+    r = await b.client.post("/v1/feedback", json=body, headers={"authorization": f"Bearer {alice}"})
+    assert r.status_code == 200 and r.json()["status"] == "applied"
