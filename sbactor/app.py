@@ -6,9 +6,7 @@ The inference routes (chat, embeddings, feedback) are served by ``sbactor.edge``
 from __future__ import annotations
 
 import logging
-import re
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -19,11 +17,10 @@ from werkzeug.exceptions import HTTPException
 from sbactor.auth import admin_key_ok
 from sbactor.errors import GatewayError, error_body
 from sbactor.gateway import Gateway
-from sbactor.logs import request_id_var
+from sbactor.logs import request_id_from, request_id_var
 
 log = logging.getLogger("sbactor.app")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -47,8 +44,7 @@ def create_app(gateway: Gateway) -> QuartTrio:
 
     @app.before_request
     async def _start() -> None:
-        incoming = request.headers.get("x-request-id")
-        rid = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        rid = request_id_from(request.headers.get("x-request-id"))
         g.request_id = rid
         g.started = time.perf_counter()
         request_id_var.set(rid)

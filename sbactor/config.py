@@ -60,6 +60,10 @@ class ServerConfig:
     shutdown_grace_s: float = attrs.field(default=10.0, validator=_non_negative)
     backlog: int = attrs.field(default=2048, validator=_positive)
     max_in_flight: int = attrs.field(default=1024, validator=_positive)
+    #: open client connections; more are answered 503 and closed (cheaply, before parsing)
+    max_connections: int = attrs.field(default=2048, validator=_positive)
+    #: idle time between requests on a keep-alive connection before it is closed
+    keep_alive_s: float = attrs.field(default=75.0, validator=_positive)
     #: shed new requests (503) while the event loop lags more than this; 0 = off
     shed_loop_lag_ms: float = attrs.field(default=0.0, validator=_non_negative)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

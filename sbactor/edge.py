@@ -9,9 +9,7 @@ stay in the quart-trio app, which receives every other request unchanged.
 from __future__ import annotations
 
 import logging
-import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -19,7 +17,7 @@ import trio
 
 from sbactor.errors import GatewayError, error_body
 from sbactor.gateway import Gateway
-from sbactor.logs import request_id_var
+from sbactor.logs import request_id_from, request_id_var
 from sbactor.pipeline.chat import handle_chat, handle_embeddings
 from sbactor.pipeline.context import Incoming, Reply
 from sbactor.pipeline.feedback import handle_feedback
@@ -33,7 +31,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Handler = Callable[[Gateway, Incoming], Awaitable[Reply]]
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 ROUTES: dict[str, Handler] = {
     "/v1/chat/completions": handle_chat,
     "/v1/embeddings": handle_embeddings,
@@ -43,11 +40,6 @@ ROUTES: dict[str, Handler] = {
 
 class _TooLarge(Exception):
     pass
-
-
-def request_id_from(headers: dict[str, str]) -> str:
-    incoming = headers.get("x-request-id")
-    return incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
 
 
 class Edge:
@@ -68,7 +60,7 @@ class Edge:
     async def _serve(self, scope: Scope, receive: Receive, send: Send, handler: Handler) -> None:
         started = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        request_id = request_id_from(headers)
+        request_id = request_id_from(headers.get("x-request-id"))
         request_id_var.set(request_id)
         try:
             body = await self._read_body(receive, headers)

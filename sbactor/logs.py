@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 import time
+import uuid
 from typing import Any
 
 import orjson
@@ -13,6 +15,13 @@ import orjson
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "sbactor_request_id", default=None
 )
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def request_id_from(incoming: str | None) -> str:
+    """The client's ``x-request-id`` when it is safe to echo and log, else a new one."""
+    return incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 

@@ -3,7 +3,7 @@
 ```
 trio.run(main)
 └── outer nursery: actors (started with nursery.start, so "ready" is known)
-    └── inner nursery: signal watcher, hypercorn.trio.serve(shutdown_trigger=…)
+    └── inner nursery: signal watcher, HttpServer.serve(shutdown_trigger=…)
 on SIGTERM/SIGINT: stop accepting, drain in-flight requests (bounded grace), then stop the
 actors one by one in reverse start order (the ledger last: it drains, fsyncs, checkpoints).
 A second signal exits at once with status 130.
@@ -16,21 +16,19 @@ import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
 
 from sbactor.app import create_app
 from sbactor.config import Config
 from sbactor.edge import Edge
 from sbactor.gateway import Gateway
+from sbactor.http_server import HttpServer, ServerLimits, display_address, open_listen_socket
 from sbactor.ledger.verify import LedgerCorrupt
 
 log = logging.getLogger("sbactor.server")
@@ -40,17 +38,14 @@ class StartupError(Exception):
     """The gateway cannot start; the message is one line for the operator."""
 
 
-def hypercorn_config(bind: str, config: Config) -> HypercornConfig:
-    hc = HypercornConfig()
-    hc.bind = [bind]
-    hc.backlog = config.server.backlog
-    hc.workers = config.server.workers  # > 1: SO_REUSEPORT, so every worker binds the port
-    hc.graceful_timeout = config.server.shutdown_grace_s
-    hc.accesslog = None
-    hc.errorlog = logging.getLogger("sbactor.hypercorn")
-    hc.keep_alive_timeout = 75
-    hc.max_app_queue_size = 64
-    return hc
+def http_server(config: Config, app: Edge) -> HttpServer:
+    server = config.server
+    limits = ServerLimits(
+        max_connections=server.max_connections,
+        max_body_bytes=server.max_body_bytes,
+        keep_alive_s=server.keep_alive_s,
+    )
+    return HttpServer(app, limits, access_log=server.access_log)
 
 
 async def watch_signals(shutdown: trio.Event, gateway: Gateway) -> None:
@@ -80,17 +75,20 @@ async def run_gateway(
 ) -> None:
     """Run until ``shutdown`` is set (or SIGTERM/SIGINT), then drain and stop the actors."""
     prepare_data_dir(data_dir)
-    hc = hypercorn_config(bind, config)
-    sockets = open_sockets(hc, bind)
+    sock = open_socket(bind, config)
     gateway = Gateway.build(config, data_dir, ledger_recover=ledger_recover)
-    app = wrap_app(Edge(gateway, create_app(gateway)), None, "asgi")  # type: ignore[arg-type]
+    server = http_server(config, Edge(gateway, create_app(gateway)))  # type: ignore[arg-type]
     shutdown = shutdown if shutdown is not None else trio.Event()
     http_done = trio.Event()
 
-    async def serve_http(task_status: trio.TaskStatus[list[str]]) -> None:
+    async def serve_http(task_status: trio.TaskStatus[None]) -> None:
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         try:
-            await worker_serve(
-                app, hc, sockets=sockets, shutdown_trigger=shutdown.wait, task_status=task_status
+            await server.serve(
+                [listener],
+                shutdown_trigger=shutdown.wait,
+                grace_s=config.server.shutdown_grace_s,
+                task_status=task_status,
             )
         finally:
             http_done.set()
@@ -102,8 +100,8 @@ async def run_gateway(
                 async with trio.open_nursery() as actors:
                     await gateway.start(actors)
                     try:
-                        binds = await actors.start(serve_http)
-                        address = binds[0].removeprefix("http://")
+                        await actors.start(serve_http)
+                        address = display_address(sock)
                         gateway.bound = address
                         gateway.ready = True
                         if announce is not None:
@@ -121,15 +119,14 @@ async def run_gateway(
             await gateway.aclose()
 
 
-def open_sockets(hc: HypercornConfig, bind: str) -> Sockets:
+def open_socket(bind: str, config: Config) -> socket.socket:
     """Bind before anything starts, so a busy port is one clear line, not a traceback."""
     try:
-        sockets = hc.create_sockets()
-        for sock in sockets.insecure_sockets:
-            sock.listen(hc.backlog)
+        return open_listen_socket(
+            bind, backlog=config.server.backlog, reuse_port=config.server.workers > 1
+        )
     except OSError as exc:
         raise StartupError(_bind_error(bind, exc)) from None
-    return sockets
 
 
 def _bind_error(bind: str, exc: OSError) -> str:

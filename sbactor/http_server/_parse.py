@@ -1,0 +1,234 @@
+"""Sans-I/O HTTP/1.1 for the server: bytes in, whole requests out; response heads as bytes.
+
+``httptools`` (llhttp, the parser uvicorn uses) does the protocol work; this module adds what a
+gateway needs around it: size limits that answer with the right status instead of buffering
+without bound, pipelined requests queued in order, and ``Expect: 100-continue``. Bodies are
+collected whole (they are bounded by ``max_body_bytes``), so the application sees one request
+message, as every inference route needs the whole JSON anyway.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from email.utils import formatdate
+from http import HTTPStatus
+
+import attrs
+import httptools
+
+from sbactor.errors import error_body
+from sbactor.logs import request_id_from
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class ProtocolViolation(Exception):
+    """The client broke HTTP or a limit; answer ``status`` and close the connection."""
+
+    def __init__(self, status: int, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.request_id = request_id  # the client's x-request-id, when headers were read
+
+
+@attrs.define(eq=False, slots=True)
+class Request:
+    method: str
+    target: bytes
+    http_version: str
+    headers: Headers  # names lower-cased, as ASGI wants them
+    body: bytes
+    keep_alive: bool
+
+
+class RequestReader:
+    """Feed bytes with ``feed``; take finished requests with ``next_request``.
+
+    Raises ``ProtocolViolation`` for malformed input (400), a header block over
+    ``max_header_bytes`` (431), a body over ``max_body_bytes`` (413) and upgrade requests (501).
+    """
+
+    def __init__(self, *, max_header_bytes: int, max_body_bytes: int) -> None:
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self._parser = httptools.HttpRequestParser(self)
+        self._ready: deque[Request] = deque()
+        self._violation: ProtocolViolation | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._target = b""
+        self._headers: Headers = []
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_bytes = 0
+        self._request_id: str | None = None
+        self.in_progress = False  # a request has begun and is not complete
+        self.expects_continue = False  # headers asked for 100-continue; body not read yet
+
+    # -- public ---------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise ProtocolViolation(501, "protocol upgrades are not supported") from None
+        except httptools.HttpParserError as exc:
+            if self._violation is not None:
+                raise self._violation from None
+            raise ProtocolViolation(400, f"malformed HTTP request: {exc}") from None
+
+    def next_request(self) -> Request | None:
+        return self._ready.popleft() if self._ready else None
+
+    @property
+    def has_request(self) -> bool:
+        return bool(self._ready)
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset()
+        self.in_progress = True
+
+    def on_url(self, url: bytes) -> None:
+        self._target += url
+        self._count_header_bytes(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header_bytes(len(name) + len(value) + 4)
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        for name, value in self._headers:
+            if name == b"content-length" and value.isdigit():
+                if int(value) > self.max_body_bytes:
+                    self._fail(413, self._too_large())
+            elif name == b"expect" and value.lower() == b"100-continue":
+                self.expects_continue = True
+            elif name == b"x-request-id":
+                self._request_id = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.expects_continue = False
+        self._body_bytes += len(body)
+        if self._body_bytes > self.max_body_bytes:
+            self._fail(413, self._too_large())
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        parser = self._parser
+        self._ready.append(
+            Request(
+                method=parser.get_method().decode("ascii"),
+                target=self._target,
+                http_version=parser.get_http_version(),
+                headers=self._headers,
+                body=b"".join(self._body),
+                keep_alive=parser.should_keep_alive(),
+            )
+        )
+        self._reset()
+
+    # -- limits ---------------------------------------------------------------------------
+
+    def _count_header_bytes(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > self.max_header_bytes:
+            self._fail(431, f"request headers are larger than {self.max_header_bytes} bytes")
+
+    def _too_large(self) -> str:
+        return f"request body is larger than the limit of {self.max_body_bytes} bytes"
+
+    def _fail(self, status: int, message: str) -> None:
+        # raising inside a callback makes httptools stop and raise HttpParserCallbackError
+        self._violation = ProtocolViolation(status, message, self._request_id)
+        raise self._violation
+
+
+# -- responses ------------------------------------------------------------------------------
+
+_REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _DateCache:
+    """The ``date`` header, formatted once per second rather than once per response."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def get(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True).encode("ascii")
+        return self._value
+
+
+_date = _DateCache()
+
+
+def response_head(
+    status: int, headers: Headers, *, content_length: int | None, close: bool
+) -> bytes:
+    """Status line and headers. ``content_length`` None means a chunked body follows.
+
+    Header names and values come from our own code, but a CR or LF in one would let a value
+    (an upstream's header, say) forge a response, so they are refused here, in one place.
+    """
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
+    has_length = False
+    for name, value in headers:
+        if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name:
+            raise ValueError(f"header {name!r} contains CR or LF")
+        lower = name.lower()
+        if lower == b"content-length":
+            has_length = True
+        elif lower in (b"connection", b"transfer-encoding", b"date"):
+            continue  # framing is the server's business
+        parts.append(b"%s: %s\r\n" % (name, value))
+    if not has_length:
+        if content_length is not None:
+            parts.append(b"content-length: %d\r\n" % content_length)
+        else:
+            parts.append(b"transfer-encoding: chunked\r\n")
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"date: %s\r\n\r\n" % _date.get())
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+_ERROR_CODES = {
+    400: "invalid_request",
+    408: "request_timeout",
+    413: "request_too_large",
+    431: "headers_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+    503: "overloaded",
+}
+
+
+def error_response(
+    status: int, message: str, *, request_id: str | None = None, extra: Headers | None = None
+) -> bytes:
+    """A whole OpenAI-shaped error response that closes the connection."""
+    type_ = "invalid_request_error" if status < 500 else "server_error"
+    body = error_body(message, type_, _ERROR_CODES.get(status))
+    headers: Headers = [
+        (b"content-type", b"application/json"),
+        (b"x-request-id", request_id_from(request_id).encode("latin-1")),
+        *(extra or []),
+    ]
+    return response_head(status, headers, content_length=len(body), close=True) + body
