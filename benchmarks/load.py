@@ -626,8 +626,8 @@ def run_matrix(args: argparse.Namespace, servers: dict[str, Server], clients: Cl
 def run_soak(args: argparse.Namespace, server: Server, clients: Clients,
              result: dict[str, Any]) -> None:
     chunk = 30.0
-    n = max(1, int(args.soak_minutes * 60 / chunk))
-    warm = max(1, int(args.soak_warmup_s / chunk))
+    warm = max(1, int(args.soak_warmup_s / chunk))  # warm-up chunks come before the measured ones
+    n = warm + max(1, int(args.soak_minutes * 60 / chunk))
     samples = []
     for i in range(n):
         cell = measure(clients, server, {"mode": "json", "duration": chunk, "warmup": 0.0,
@@ -640,8 +640,8 @@ def run_soak(args: argparse.Namespace, server: Server, clients: Clients,
         progress(f"soak {(i + 1) * chunk:5.0f}/{n * chunk:.0f}s  {samples[-1]['rps']:6.0f} req/s "
                  f"RSS {rss:7.1f} MB errors {cell['errors']}")
     log("soak done")
-    print(f"\nsoak: all-on, json, c={args.soak_concurrency}, {n * chunk:.0f}s "
-          f"(first {warm * chunk:.0f}s = warm-up)")
+    print(f"\nsoak: all-on, json, c={args.soak_concurrency}, {warm * chunk:.0f}s warm-up, then "
+          f"{(n - warm) * chunk:.0f}s measured")
     print(f"{'t s':>6} {'req/s':>7} {'p99 ms':>8} {'errors':>6} {'RSS MB':>8} load")
     for s in samples:
         print(f"{s['t_s']:>6.0f} {s['rps']:>7.0f} {s['p99']:>8.1f} {s['errors']:>6} "

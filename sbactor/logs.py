@@ -52,5 +52,5 @@ def configure_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("hypercorn.error", "hypercorn.access", "httpx", "httpx2", "httpcore", "celpy"):
+    for noisy in ("httpx", "httpx2", "httpcore", "celpy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

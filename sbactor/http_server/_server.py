@@ -246,6 +246,11 @@ class _Connection:
         finally:
             if self.server.access_log:
                 _log_access(request, exchange, started)
+        if exchange.started_only():
+            # a stream that ended before its first byte: the client gets the status and a body
+            # cut short (no terminating chunk), as the application meant, not a made-up 500
+            await exchange.send({"type": "http.response.body", "body": b"", "more_body": True})
+            return False
         if not exchange.head_sent and not exchange.broken:
             log.error("application returned without a response", extra={"path": request.target})
             await self._send_error(500, "internal gateway error")
@@ -267,6 +272,10 @@ class _Exchange:
     status: int = 0
     sent_bytes: int = 0
     _head: tuple[int, Headers] | None = None
+
+    def started_only(self) -> bool:
+        """``http.response.start`` was sent by the application, but no body message."""
+        return self._head is not None and not self.head_sent and not self.broken
 
     def scope(self) -> Scope:
         request = self.request

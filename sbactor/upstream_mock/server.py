@@ -1,9 +1,10 @@
 """``sbactor mock-upstream``: a fast raw-ASGI OpenAI- and Anthropic-compatible fake upstream.
 
-Served by ``hypercorn.trio.serve`` (no framework: it must never be a benchmark's bottleneck).
+Served by the gateway's own HTTP server (no framework: it must never be a benchmark's
+bottleneck; it also runs on the same 2 cores as what it measures, so its CPU matters).
 Scenario rules come from ``scenarios``; the last 1000 request bodies and headers are kept for
 tests at ``GET /_mock/requests``. A "cut" stream simply returns from the app mid-body, which
-makes hypercorn drop the connection without the terminating chunk.
+makes the server drop the connection without the terminating chunk.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from typing import Any
 
 import orjson
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
+from sbactor.http_server import HttpServer, ServerLimits, display_address, open_listen_socket
 from sbactor.upstream_mock import scenarios as sc
 
 Scope = dict[str, Any]
@@ -148,7 +148,7 @@ async def _stream(send: Send, d: sc.Decision, frames: Iterable[bytes], tail: byt
     await send({"type": "http.response.start", "status": 200, "headers": _SSE})
     for i, frame in enumerate(frames):
         if d.cut_after is not None and i >= d.cut_after:
-            return  # returning mid-body: hypercorn closes the connection, no final chunk
+            return  # returning mid-body: the server closes the connection, no final chunk
         if i == 2 and d.stall_s:  # after the role chunk and the first content
             await trio.sleep(d.stall_s)
         elif i > 0 and d.seconds_per_chunk:
@@ -178,33 +178,30 @@ async def _send_json(send: Send, status: int, value: Any,
     await send({"type": "http.response.body", "body": orjson.dumps(value)})
 
 
-def hypercorn_config(bind: str) -> Config:
-    config = Config()
-    config.bind = [bind]
-    config.backlog = 4096
-    config.accesslog = None
-    config.keep_alive_timeout = 75
-    config.graceful_timeout = 2
-    return config
-
-
 async def serve_mock(
     bind: str,
     settings: sc.Settings | None = None,
     *,
     app: MockUpstreamApp | None = None,
-    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     quiet: bool = False,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled (or ``shutdown_trigger`` returns); reports "host:port" when bound."""
     app = app or MockUpstreamApp(settings)
-    config = hypercorn_config(bind)
+    sock = open_listen_socket(bind, backlog=4096, reuse_port=False)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    server = HttpServer(app, ServerLimits(max_connections=1_000_000, max_body_bytes=64 << 20))  # type: ignore[arg-type]
+    hostport = display_address(sock)
     async with trio.open_nursery() as nursery:
-        urls: list[str] = await nursery.start(
-            lambda task_status: serve(app, config, shutdown_trigger=shutdown_trigger,  # type: ignore[arg-type]
-                                      task_status=task_status, mode="asgi"))
-        hostport = urls[0].split("://", 1)[-1] if urls else bind
+        await nursery.start(
+            lambda task_status: server.serve(
+                [listener],
+                shutdown_trigger=shutdown_trigger or trio.sleep_forever,
+                grace_s=2.0,
+                task_status=task_status,
+            )
+        )
         if not quiet:
             print(f"mock-upstream listening on http://{hostport}", flush=True, file=sys.stdout)
         task_status.started(hostport)
