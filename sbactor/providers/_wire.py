@@ -1,26 +1,35 @@
-"""A lean HTTP/1.1 keep-alive client for upstream calls: trio streams + h11, nothing else.
+"""A lean HTTP/1.1 keep-alive client for upstream calls: trio streams + httptools, nothing else.
 
 Why not httpx2 (which we used first): profiling the gateway under load showed the client's
 layers (request/response models, header normalisation, pool bookkeeping, auth and redirect
 wrappers) at about a fifth of all gateway CPU; an upstream call needs none of them. This pool
 does one thing: POST a JSON body to one origin over reused connections and hand back the status,
-headers and body (whole, or as a byte stream for SSE). h11 does the protocol work.
+headers and body (whole, or as a byte stream for SSE). Why httptools rather than h11: its C
+parser (llhttp) does in one call per network read what h11 did in several Python-level events.
+The request is written by hand, since it is always the same shape.
 
-Errors are ``WireError`` subclasses; the provider shell maps them to ``UpstreamError``.
+Errors are ``WireError`` subclasses; the provider shell maps them to ``UpstreamError``. A bad
+header or path given to us (not the upstream's fault) is a ``ValueError``.
 """
 
 from __future__ import annotations
 
+import re
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import attrs
-import h11
+import httptools
 import trio
 
 _READ_SIZE = 65536
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header name
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CR, LF, NUL...: would let a value inject
+_TARGET = re.compile(r"[!-~]+")  # printable ASCII, no space: one request-line token
+_FRAMING = frozenset({"content-length", "transfer-encoding"})  # ours to set, or bodies desync
+_MAX_CACHED_HEADS = 64
 
 
 class WireError(Exception):
@@ -68,15 +77,117 @@ class Origin:
         return self.host if self.port == default else f"{self.host}:{self.port}"
 
 
-@attrs.define(eq=False)
+def _encode_headers(headers: Iterable[tuple[str, str]]) -> bytes:
+    """``name: value\\r\\n`` lines, names lowercased. Refuses what could split or reframe the
+    request: a name that is not a token, a value with CR/LF/NUL or another control byte, and
+    the framing headers the pool writes itself. The message never shows the value (a key)."""
+    lines = []
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name) or _CTL.search(value):
+            raise ValueError(f"invalid HTTP header {name!r}: control characters in name or value")
+        name = name.lower()
+        if name in _FRAMING:
+            raise ValueError(f"header {name!r} is set by the connection pool")
+        try:
+            lines.append(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("latin-1")))
+        except UnicodeEncodeError:
+            raise ValueError(f"HTTP header {name!r} has a non-latin-1 value") from None
+    return b"".join(lines)
+
+
 class _Connection:
-    stream: trio.abc.Stream
-    h11: h11.Connection = attrs.field(factory=lambda: h11.Connection(h11.CLIENT))
-    reused: bool = False
+    """One socket and the state of the response being read on it. It is also the httptools
+    callback target: the ``on_*`` methods run inside ``feed`` and only record what they see."""
+
+    __slots__ = (
+        "body",
+        "complete",
+        "head_done",
+        "headers",
+        "interim",
+        "keep_alive",
+        "parser",
+        "received",
+        "reused",
+        "status",
+        "stream",
+    )
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.parser = httptools.HttpResponseParser(self)
+        self.reused = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh objects, not cleared ones: the last response keeps its headers."""
+        self.received = False  # any byte of this response yet (a reset before that is retried)
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body: list[bytes] = []  # parsed but not yet handed to the reader
+        self.interim = self.head_done = self.complete = self.keep_alive = False
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
+
+    def feed(self, data: bytes | bytearray) -> None:
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self.complete:  # bytes after a whole response: it stands, the connection not
+                self.keep_alive = False
+                return
+            raise WireProtocolError(f"bad HTTP from the upstream: {exc}") from None
+
+    def feed_eof(self) -> None:
+        """The peer closed: that ends a body framed by the close, anything else is cut short."""
+        if self.complete:
+            return
+        if self.head_done and self._ends_at_close():
+            self.complete, self.keep_alive = True, False
+            return
+        where = "in the body" if self.head_done else "before the response"
+        raise WireProtocolError(f"the upstream closed the connection {where}")
+
+    def _ends_at_close(self) -> bool:
+        if self.status in (204, 304):
+            return False
+        te = self.headers.get("transfer-encoding")
+        if te is not None:  # chunked must be the last coding; any other reads to the close
+            return te.rsplit(",", 1)[-1].strip().lower() != "chunked"
+        return "content-length" not in self.headers
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # the upstream sent more than one answer: stop parsing here
+            raise WireProtocolError("data after the response")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # a chunked body's trailers: not headers of the response already handed out
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1").rstrip(" \t")
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:  # 100 Continue, 103 Early Hints: skipped; 101 fails in the parser
+            self.interim = True
+            return
+        self.status = status
+        self.head_done = True
+        self.keep_alive = self.parser.should_keep_alive()  # HTTP version + Connection header
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            self.headers = {}
+        else:
+            self.complete = True
 
 
 @attrs.define(eq=False)
@@ -90,15 +201,16 @@ class WireResponse:
     _done: bool = False
 
     async def iter_bytes(self) -> AsyncIterator[bytes]:
+        """The body as it arrives: one piece per network read (chunk framing removed)."""
         conn = self._conn
         while not self._done:
-            event = await self._pool._next_event(conn)
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
+            if conn.body:
+                pieces, conn.body = conn.body, []
+                yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            elif conn.complete:
                 self._done = True
             else:
-                raise WireProtocolError(f"unexpected {type(event).__name__} in the body")
+                await self._pool._receive(conn)
 
     async def drain(self, timeout_s: float = 1.0) -> None:
         """Read what is left of a body we are done with (the end of an SSE stream after
@@ -108,7 +220,15 @@ class WireResponse:
                 pass
 
     async def read(self) -> bytes:
-        return b"".join([piece async for piece in self.iter_bytes()])
+        """The rest of the body; no per-piece generator, as this is the hot non-streaming path."""
+        if self._done:
+            return b""
+        conn = self._conn
+        while not conn.complete:
+            await self._pool._receive(conn)
+        self._done = True
+        pieces, conn.body = conn.body, []
+        return b"".join(pieces)
 
     async def iter_lines(self) -> AsyncIterator[str]:
         """Body lines without their ending (``\\n``, ``\\r\\n`` or ``\\r``), for SSE."""
@@ -169,11 +289,10 @@ class WirePool:
         self.connect_timeout_s = connect_timeout_s
         self._limit = trio.CapacityLimiter(max_connections)
         self._idle: list[_Connection] = []
-        self._base_headers = [
-            ("host", self.origin.netloc),
-            ("user-agent", "sbactor"),
-            *((k.lower(), v) for k, v in headers.items()),
-        ]
+        self._base_headers = _encode_headers(
+            [("host", self.origin.netloc), ("user-agent", "sbactor"), *headers.items()]
+        )  # checked once here, so a bad configured header fails at startup
+        self._heads: dict[str, bytes] = {}  # path -> request line + base headers
         self._ssl = ssl.create_default_context() if self.origin.scheme == "https" else None
         self._closed = False
 
@@ -189,26 +308,25 @@ class WirePool:
     ) -> AsyncIterator[WireResponse]:
         """POST and yield the response once its headers are in; the body is read by the caller.
         Leaving the block early closes the connection (the upstream sees the request end)."""
+        request = self._request_head(path, headers) + b"content-length: %d\r\n\r\n" % len(body)
         token = object()  # released on behalf of this token, whichever task ends the request
         try:
-            with trio.fail_after(self.read_timeout_s):
-                await self._limit.acquire_on_behalf_of(token)
-        except trio.TooSlowError:
-            raise WirePoolTimeout(
-                f"no free connection within {self.read_timeout_s}s "
-                f"(pool of {int(self._limit.total_tokens)} busy)"
-            ) from None
+            self._limit.acquire_on_behalf_of_nowait(token)  # the common case, without a timer
+        except trio.WouldBlock:
+            try:
+                with trio.fail_after(self.read_timeout_s):
+                    await self._limit.acquire_on_behalf_of(token)
+            except trio.TooSlowError:
+                raise WirePoolTimeout(
+                    f"no free connection within {self.read_timeout_s}s "
+                    f"(pool of {int(self._limit.total_tokens)} busy)"
+                ) from None
         conn: _Connection | None = None
         try:
-            conn, response = await self._send(path, body, headers)
+            conn, response = await self._send(request + body)
             yield response
-            if (
-                response._done
-                and conn.h11.our_state is h11.DONE
-                and conn.h11.their_state is h11.DONE
-                and not self._closed
-            ):
-                conn.h11.start_next_cycle()
+            if response._done and conn.keep_alive and not self._closed:
+                conn.reset()
                 conn.reused = True
                 self._idle.append(conn)
                 conn = None
@@ -217,39 +335,40 @@ class WirePool:
                 await conn.aclose()
             self._limit.release_on_behalf_of(token)
 
-    async def _send(
-        self, path: str, body: bytes, headers: Mapping[str, str] | None
-    ) -> tuple[_Connection, WireResponse]:
-        target = (self.origin.base_path + path).encode()
-        extra = [(k.lower(), v) for k, v in (headers or {}).items()]
-        request = h11.Request(
-            method="POST",
-            target=target,
-            headers=[*self._base_headers, *extra, ("content-length", str(len(body)))],
-        )
+    def _request_head(self, path: str, headers: Mapping[str, str] | None) -> bytes:
+        """Request line and headers, without content-length; cached per path (a provider
+        posts to a handful of fixed paths)."""
+        head = self._heads.get(path)
+        if head is None:
+            target = self.origin.base_path + path
+            if not _TARGET.fullmatch(target):
+                raise ValueError(f"invalid request path {target!r}")
+            head = b"POST %s HTTP/1.1\r\n%s" % (target.encode("ascii"), self._base_headers)
+            if len(self._heads) < _MAX_CACHED_HEADS:
+                self._heads[path] = head
+        if headers:
+            head += _encode_headers(headers.items())
+        return head
+
+    async def _send(self, request: bytes) -> tuple[_Connection, WireResponse]:
         while True:
             conn = self._idle.pop() if self._idle else await self._connect()
-            data = (conn.h11.send(request) or b"") + (conn.h11.send(h11.Data(data=body)) or b"")
-            data += conn.h11.send(h11.EndOfMessage()) or b""
             try:
                 try:
-                    await conn.stream.send_all(data)
+                    await conn.stream.send_all(request)
                 except (OSError, trio.BrokenResourceError) as exc:
                     raise WireProtocolError(f"connection broke while sending: {exc}") from None
-                event = await self._next_event(conn)
+                while not conn.head_done:
+                    await self._receive(conn)
             except WireProtocolError:
                 await conn.aclose()
-                if conn.reused:
+                if conn.reused and not conn.received:
                     continue  # a kept-alive connection the server had closed: use a fresh one
                 raise
             except BaseException:
                 await conn.aclose()
                 raise
-            if not isinstance(event, h11.Response):
-                await conn.aclose()
-                raise WireProtocolError(f"expected a response, got {type(event).__name__}")
-            headers_out = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
-            return conn, WireResponse(event.status_code, headers_out, self, conn)
+            return conn, WireResponse(conn.status, conn.headers, self, conn)
 
     async def _connect(self) -> _Connection:
         try:
@@ -274,23 +393,16 @@ class WirePool:
             raise WireConnectError(f"cannot connect: {exc}") from None
         return _Connection(stream)
 
-    async def _next_event(self, conn: _Connection) -> h11.Event:
-        while True:
-            try:
-                event = conn.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise WireProtocolError(f"bad HTTP from the upstream: {exc}") from None
-            if event is not h11.NEED_DATA:
-                if isinstance(event, h11.ConnectionClosed):
-                    raise WireProtocolError("the upstream closed the connection")
-                return event  # type: ignore[return-value]
-            try:
-                with trio.fail_after(self.read_timeout_s):
-                    data = await conn.stream.receive_some(_READ_SIZE)
-            except trio.TooSlowError:
-                raise WireReadTimeout(
-                    f"no bytes from the upstream for {self.read_timeout_s}s"
-                ) from None
-            except (OSError, trio.BrokenResourceError) as exc:
-                raise WireProtocolError(f"connection broke: {exc}") from None
-            conn.h11.receive_data(bytes(data))  # b"" is EOF: h11 reports it as an error or close
+    async def _receive(self, conn: _Connection) -> None:
+        """One network read, fed to the connection's parser."""
+        try:  # a bare CancelScope, not fail_after: no generator context manager per read
+            with trio.CancelScope(deadline=trio.current_time() + self.read_timeout_s) as scope:
+                data = await conn.stream.receive_some(_READ_SIZE)
+        except (OSError, trio.BrokenResourceError) as exc:
+            raise WireProtocolError(f"connection broke: {exc}") from None
+        if scope.cancelled_caught:
+            raise WireReadTimeout(f"no bytes from the upstream for {self.read_timeout_s}s")
+        if data:
+            conn.feed(data)
+        else:
+            conn.feed_eof()

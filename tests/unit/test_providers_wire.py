@@ -9,7 +9,13 @@ from collections.abc import Awaitable, Callable
 import pytest
 import trio
 
-from sbactor.providers._wire import WirePool, WireProtocolError, _split_lines
+from sbactor.providers._wire import (
+    WirePool,
+    WireProtocolError,
+    WireReadTimeout,
+    _Connection,
+    _split_lines,
+)
 
 Handler = Callable[[trio.SocketStream, int], Awaitable[None]]
 
@@ -146,3 +152,213 @@ def test_split_lines_holds_back_a_lone_cr_and_partial_lines() -> None:
     assert _split_lines(b"a\nb\r\nc\rd\r") == (["a", "b", "c"], b"d\r")
     assert _split_lines(b"x\r") == ([], b"x\r")
     assert _split_lines(b"\xc3") == ([], b"\xc3")
+
+
+# -- scripted streams: the exact bytes (and read boundaries) the client sees --------------------
+
+
+class Scripted(trio.abc.Stream):
+    """A connection whose reads return ``pieces`` one by one, then EOF; records what is sent."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = list(pieces)
+        self.sent = b""
+        self.closed = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+        self.sent += bytes(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.pieces.pop(0) if self.pieces else b""
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def scripted_pool(*streams: Scripted, headers: dict[str, str] | None = None) -> WirePool:
+    """A pool whose n-th new connection is ``streams[n]``."""
+    p = WirePool("http://up.example/v1", headers=headers or {}, max_connections=2,
+                 connect_timeout_s=2, read_timeout_s=2)
+    queue = list(streams)
+
+    async def connect() -> _Connection:
+        return _Connection(queue.pop(0))
+
+    p._connect = connect  # type: ignore[method-assign]
+    return p
+
+
+async def one(p: WirePool, **kw: object) -> tuple[int, dict[str, str], bytes]:
+    async with p.post("/chat", b"{}", **kw) as resp:  # type: ignore[arg-type]
+        return resp.status, resp.headers, await resp.read()
+
+
+INTERIM_AND_CHUNKED = (
+    b"HTTP/1.1 100 Continue\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain \r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n"
+)
+EXPECTED = (200, {"content-type": "text/plain", "transfer-encoding": "chunked"},
+            b"hello, world")
+
+
+async def test_the_request_is_written_by_hand_with_the_given_headers() -> None:
+    stream = Scripted(_response(b"ok"))
+    p = scripted_pool(stream, headers={"Authorization": "Bearer k"})
+    assert await one(p, headers={"X-Extra": "1"}) == (200, {"content-length": "2"}, b"ok")
+    assert stream.sent == (
+        b"POST /v1/chat HTTP/1.1\r\nhost: up.example\r\nuser-agent: sbactor\r\n"
+        b"authorization: Bearer k\r\nx-extra: 1\r\ncontent-length: 2\r\n\r\n{}"
+    )
+
+
+async def test_a_response_split_at_every_byte_boundary_parses_the_same() -> None:
+    data = INTERIM_AND_CHUNKED
+    splits = [(data[:i], data[i:]) for i in range(1, len(data))]
+    for pieces in [*splits, tuple(data[i : i + 1] for i in range(len(data)))]:
+        stream = Scripted(*pieces)
+        p = scripted_pool(stream)
+        assert await one(p) == EXPECTED, pieces
+        assert p._idle and not stream.closed  # fully read, keep-alive: pooled
+    stream = Scripted(*splits[40])
+    p = scripted_pool(stream)
+    async with p.post("/chat", b"{}") as resp:
+        assert b"".join([piece async for piece in resp.iter_bytes()]) == b"hello, world"
+
+
+async def test_interim_responses_are_skipped_but_101_is_an_error() -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"
+    p = scripted_pool(Scripted(early + _response(b"ok")))
+    assert await one(p) == (200, {"content-length": "2"}, b"ok")
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n"
+    for raw in (switch, b"HTTP/1.1 101 Switching Protocols\r\n\r\n"):
+        with pytest.raises(WireProtocolError):
+            await one(scripted_pool(Scripted(raw + _response(b"ok"))))
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 2x0 OK\r\n\r\n",
+    b"HTTP/1.1 2000 OK\r\n\r\n",
+    b"SMTP ready\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+])
+async def test_malformed_responses_are_protocol_errors(raw: bytes) -> None:
+    stream = Scripted(raw)
+    with pytest.raises(WireProtocolError):
+        await one(scripted_pool(stream))
+    assert stream.closed
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-le",
+])
+async def test_a_truncated_response_is_a_protocol_error(raw: bytes) -> None:
+    stream = Scripted(raw)
+    p = scripted_pool(stream)
+    with pytest.raises(WireProtocolError):
+        await one(p)
+    assert stream.closed and not p._idle
+
+
+async def test_close_delimited_bodies_and_connection_close_are_not_reused() -> None:
+    cases = [
+        (b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil ", b"the close"),
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil the close",),
+        (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",),
+        (b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",),
+        (_response(b"ok") + b"HTTP/1.1 200 OK\r\n",),  # more than one answer: not trusted
+    ]
+    for pieces in cases:
+        stream = Scripted(*pieces)
+        p = scripted_pool(stream)
+        status, _, body = await one(p)
+        assert status == 200 and body in (b"until the close", b"ok")
+        assert stream.closed and not p._idle, pieces
+    keep = Scripted(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok")
+    p = scripted_pool(keep)
+    await one(p)
+    assert p._idle and not keep.closed
+
+
+async def test_no_content_statuses_and_unread_bodies() -> None:
+    stream = Scripted(b"HTTP/1.1 204 No Content\r\n\r\n")
+    p = scripted_pool(stream)
+    assert await one(p) == (204, {}, b"")
+    assert p._idle
+    stream = Scripted(_response(b"not read"))
+    p = scripted_pool(stream)
+    async with p.post("/chat", b"{}") as resp:
+        assert resp.status == 200  # the body is never read: the connection is not reused
+    assert stream.closed and not p._idle
+
+
+async def test_header_and_path_injection_is_refused(nursery: trio.Nursery) -> None:
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        while True:
+            await _read_request(stream)
+            await stream.send_all(_response(b"ok"))
+
+    url, connections = await start(nursery, handler)
+    for bad in ({"x-a": "v\r\nx-injected: 1"}, {"x-a": "v\n"}, {"x-a": "v\x00"},
+                {"x a": "v"}, {"x-a:": "v"}, {"x\r\ny": "v"}, {"": "v"},
+                {"content-length": "0"}, {"Transfer-Encoding": "chunked"}, {"x-a": "\u2028"}):
+        with pytest.raises(ValueError) as info:
+            WirePool(url, headers=bad, max_connections=1, connect_timeout_s=1, read_timeout_s=1)
+        assert "v\r" not in str(info.value)  # a value (an API key) is never echoed
+        p = pool(url, max_connections=1)
+        with pytest.raises(ValueError):
+            async with p.post("/chat", b"x", headers=bad):
+                pass
+    p = pool(url, max_connections=1)
+    for path in ("/chat HTTP/1.1\r\nx-injected: 1", "/a b", "/\u00e9"):
+        with pytest.raises(ValueError):
+            async with p.post(path, b"x"):
+                pass
+    assert connections == []  # nothing reached the wire
+    async with p.post("/chat", b"x", headers={"x-ok": "tab\tand latin-1 \u00e9"}) as resp:
+        assert await resp.read() == b"ok"  # and the only slot is still free
+
+
+async def test_a_silent_upstream_is_a_read_timeout(nursery: trio.Nursery) -> None:
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        await _read_request(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\npart")
+        await trio.sleep_forever()
+
+    url, _ = await start(nursery, handler)
+    p = WirePool(url, headers={}, max_connections=1, connect_timeout_s=1, read_timeout_s=0.2)
+    with pytest.raises(WireReadTimeout):
+        async with p.post("/chat", b"x") as resp:
+            await resp.read()
+    await p.aclose()
+
+
+async def test_a_reused_connection_that_breaks_mid_response_is_not_retried(
+    nursery: trio.Nursery,
+) -> None:
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        await _read_request(stream)
+        await stream.send_all(_response(b"ok"))
+        await _read_request(stream)  # the upstream got the request and began answering
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-le")
+        await stream.aclose()
+
+    url, connections = await start(nursery, handler)
+    p = pool(url)
+    async with p.post("/chat", b"1") as resp:
+        assert await resp.read() == b"ok"
+    with pytest.raises(WireProtocolError):
+        async with p.post("/chat", b"2"):
+            pass
+    assert len(connections) == 1  # a POST is not repeated once the upstream has answered
+    await p.aclose()
