@@ -1,4 +1,4 @@
-"""httpx vs httpx2 vs sbactor's own h11 pool (providers/_wire.py) under trio, against the mock
+"""httpx vs httpx2 vs sbactor's own pool (providers/_wire.py) under trio, against the mock
 upstream (a separate process). The CPU column is this process's CPU per request: what the
 client costs the gateway.
 
@@ -128,7 +128,7 @@ async def main(args: argparse.Namespace) -> None:
                 rows.append((name, c, await run_level(module, url, c, args.duration,
                                                       args.max_connections)))
         for c in levels:
-            print(f"… wire (h11) concurrency={c}", file=sys.stderr, flush=True)
+            print(f"… wire (httptools) concurrency={c}", file=sys.stderr, flush=True)
             rows.append(("sbactor wire", c, await run_level_wire(url, c, args.duration,
                                                                  args.max_connections)))
     finally:

@@ -74,7 +74,8 @@ class Origin:
     @property
     def netloc(self) -> str:
         default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
+        return host if self.port == default else f"{host}:{self.port}"
 
 
 def _encode_headers(headers: Iterable[tuple[str, str]]) -> bytes:

@@ -362,3 +362,11 @@ async def test_a_reused_connection_that_breaks_mid_response_is_not_retried(
             pass
     assert len(connections) == 1  # a POST is not repeated once the upstream has answered
     await p.aclose()
+
+
+def test_origin_netloc_brackets_ipv6_and_drops_default_port() -> None:
+    from sbactor.providers._wire import Origin
+
+    assert Origin.parse("http://[::1]:9000/v1").netloc == "[::1]:9000"
+    assert Origin.parse("https://api.example.com/v1").netloc == "api.example.com"
+    assert Origin.parse("http://127.0.0.1:8080").netloc == "127.0.0.1:8080"
