@@ -43,6 +43,14 @@ class Request:
     keep_alive: bool
 
 
+def request_id_of(headers: Headers) -> str | None:
+    """The client's ``x-request-id`` (unchecked: ``error_response`` vets it)."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            return value.decode("latin-1")
+    return None
+
+
 class RequestReader:
     """Feed bytes with ``feed``; take finished requests with ``next_request``.
 
@@ -65,20 +73,36 @@ class RequestReader:
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._request_id: str | None = None
+        self._headers_done = False
+        self._began_in_feed = False  # this message's first byte is in the current feed
+        self._head_bytes_fed = 0  # later feeds that ended with the head still incomplete
         self.in_progress = False  # a request has begun and is not complete
         self.expects_continue = False  # headers asked for 100-continue; body not read yet
 
     # -- public ---------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        self._began_in_feed = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            raise ProtocolViolation(501, "protocol upgrades are not supported") from None
+            # llhttp completes the upgrade request before it stops: it must not be served
+            headers = self._ready.pop().headers if self._ready else []
+            raise ProtocolViolation(
+                501, "protocol upgrades are not supported", request_id_of(headers)
+            ) from None
         except httptools.HttpParserError as exc:
             if self._violation is not None:
                 raise self._violation from None
-            raise ProtocolViolation(400, f"malformed HTTP request: {exc}") from None
+            raise ProtocolViolation(
+                400, f"malformed HTTP request: {exc}", self._request_id
+            ) from None
+        if self.in_progress and not self._headers_done and not self._began_in_feed:
+            # httptools buffers a header's name and value until the header ends, so a single
+            # endless header would never reach on_header: bound the unfinished head here.
+            self._head_bytes_fed += len(data)
+            if self._head_bytes_fed > 2 * self.max_header_bytes:
+                self._fail(431, self._headers_too_large())
 
     def next_request(self) -> Request | None:
         return self._ready.popleft() if self._ready else None
@@ -92,6 +116,7 @@ class RequestReader:
     def on_message_begin(self) -> None:
         self._reset()
         self.in_progress = True
+        self._began_in_feed = True
 
     def on_url(self, url: bytes) -> None:
         self._target += url
@@ -99,17 +124,21 @@ class RequestReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_header_bytes(len(name) + len(value) + 4)
-        self._headers.append((name.lower(), value))
+        if self._headers_done:
+            return  # a chunked body's trailer: never merged into the request's headers
+        name = name.lower()
+        if name == b"x-request-id":  # known before any limit below can fail the request
+            self._request_id = value.decode("latin-1")
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._headers_done = True
         for name, value in self._headers:
             if name == b"content-length" and value.isdigit():
                 if int(value) > self.max_body_bytes:
                     self._fail(413, self._too_large())
             elif name == b"expect" and value.lower() == b"100-continue":
                 self.expects_continue = True
-            elif name == b"x-request-id":
-                self._request_id = value.decode("latin-1")
 
     def on_body(self, body: bytes) -> None:
         self.expects_continue = False
@@ -137,7 +166,10 @@ class RequestReader:
     def _count_header_bytes(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > self.max_header_bytes:
-            self._fail(431, f"request headers are larger than {self.max_header_bytes} bytes")
+            self._fail(431, self._headers_too_large())
+
+    def _headers_too_large(self) -> str:
+        return f"request headers are larger than {self.max_header_bytes} bytes"
 
     def _too_large(self) -> str:
         return f"request body is larger than the limit of {self.max_body_bytes} bytes"
@@ -173,9 +205,18 @@ _date = _DateCache()
 
 
 def response_head(
-    status: int, headers: Headers, *, content_length: int | None, close: bool
+    status: int,
+    headers: Headers,
+    *,
+    content_length: int | None,
+    close: bool,
+    http10: bool = False,
 ) -> bytes:
     """Status line and headers. ``content_length`` None means a chunked body follows.
+
+    ``http10``: the client speaks HTTP/1.0, which has no chunked coding (a body of unknown
+    length then ends when the connection closes, so pass ``close``) and closes after the
+    response unless told ``connection: keep-alive``.
 
     Header names and values come from our own code, but a CR or LF in one would let a value
     (an upstream's header, say) forge a response, so they are refused here, in one place.
@@ -194,10 +235,12 @@ def response_head(
     if not has_length:
         if content_length is not None:
             parts.append(b"content-length: %d\r\n" % content_length)
-        else:
+        elif not http10:
             parts.append(b"transfer-encoding: chunked\r\n")
     if close:
         parts.append(b"connection: close\r\n")
+    elif http10:
+        parts.append(b"connection: keep-alive\r\n")
     parts.append(b"date: %s\r\n\r\n" % _date.get())
     return b"".join(parts)
 

@@ -32,6 +32,7 @@ from sbactor.http_server._parse import (
     RequestReader,
     chunk,
     error_response,
+    request_id_of,
     response_head,
 )
 
@@ -169,6 +170,7 @@ class _Connection:
     idle: bool = True  # waiting for a request: may be closed at once on shutdown
     reader: RequestReader = attrs.field(init=False)
     pending: list[bytes] = attrs.field(factory=list)  # read while a request ran
+    violation: ProtocolViolation | None = None  # answered after the requests before it
     client: tuple[str, int] | None = attrs.field(init=False)
     local: tuple[str, int] | None = attrs.field(init=False)
 
@@ -177,8 +179,9 @@ class _Connection:
         self.reader = RequestReader(
             max_header_bytes=limits.max_header_bytes, max_body_bytes=limits.max_body_bytes
         )
-        self.client = _address(self.stream.socket.getpeername())
-        self.local = _address(self.stream.socket.getsockname())
+        socket = self.stream.socket
+        self.client = _address(socket.getpeername)
+        self.local = _address(socket.getsockname)
 
     async def run(self) -> None:
         while True:
@@ -199,6 +202,16 @@ class _Connection:
         request_deadline = math.inf
         continue_sent = False
         while not reader.has_request:
+            if self.violation is not None:
+                violation, self.violation = self.violation, None
+                await self._send_error(
+                    violation.status, violation.message, request_id=violation.request_id
+                )
+                return None
+            if reader.expects_continue and not continue_sent:
+                # here, not right after feed: no earlier request's response is still owed
+                continue_sent = True
+                await self.stream.send_all(CONTINUE)
             if reader.in_progress and request_deadline == math.inf:
                 request_deadline = trio.current_time() + limits.request_read_s
             if self.pending:
@@ -218,13 +231,8 @@ class _Connection:
             try:
                 reader.feed(data)
             except ProtocolViolation as violation:
-                await self._send_error(
-                    violation.status, violation.message, request_id=violation.request_id
-                )
-                return None
-            if reader.expects_continue and not continue_sent:
-                continue_sent = True
-                await self.stream.send_all(CONTINUE)
+                # whole requests parsed before the bad one still get their responses first
+                self.violation = violation
         return reader.next_request()
 
     async def _send_error(self, status: int, message: str, request_id: str | None = None) -> None:
@@ -236,26 +244,35 @@ class _Connection:
         self.server._requests += 1
         exchange = _Exchange(self, request)
         started = time.perf_counter()
-        try:
-            await self.server.app(exchange.scope(), exchange.receive, exchange.send)
-        except Exception:
-            log.exception("application failed")
+        try:  # the access log sees the status the client got, the server's own 500 too
+            try:
+                await self.server.app(exchange.scope(), exchange.receive, exchange.send)
+            except Exception:
+                log.exception("application failed")
+                if not exchange.head_sent and not exchange.broken:
+                    exchange.status = 500
+                    await self._send_error(
+                        500, "internal gateway error", request_id_of(request.headers)
+                    )
+                return False
+            if exchange.started_only():
+                # a stream that ended before its first byte: the client gets the status and a
+                # body cut short (no terminating chunk), as the application meant, not a 500
+                await exchange.send({"type": "http.response.body", "body": b"", "more_body": True})
+                return False
             if not exchange.head_sent and not exchange.broken:
-                await self._send_error(500, "internal gateway error")
-            return False
+                log.error(
+                    "application returned without a response", extra={"path": request.target}
+                )
+                exchange.status = 500
+                await self._send_error(
+                    500, "internal gateway error", request_id_of(request.headers)
+                )
+                return False
         finally:
             if self.server.access_log:
                 _log_access(request, exchange, started)
-        if exchange.started_only():
-            # a stream that ended before its first byte: the client gets the status and a body
-            # cut short (no terminating chunk), as the application meant, not a made-up 500
-            await exchange.send({"type": "http.response.body", "body": b"", "more_body": True})
-            return False
-        if not exchange.head_sent and not exchange.broken:
-            log.error("application returned without a response", extra={"path": request.target})
-            await self._send_error(500, "internal gateway error")
-            return False
-        return exchange.complete and request.keep_alive and not exchange.broken
+        return exchange.complete and not exchange.closing and not exchange.broken
 
 
 @attrs.define(eq=False)
@@ -269,6 +286,7 @@ class _Exchange:
     complete: bool = False
     broken: bool = False  # the client left or the socket failed
     chunked: bool = False
+    closing: bool = False  # the response says connection: close (or ends with the close)
     status: int = 0
     sent_bytes: int = 0
     _head: tuple[int, Headers] | None = None
@@ -356,14 +374,20 @@ class _Exchange:
         self.status = status
         self.head_sent = True
         close = not self.request.keep_alive or self.connection.server._draining
+        http10 = self.request.http_version == "1.0"
         has_length = any(name.lower() == b"content-length" for name, _ in headers)
         if more and not has_length:
-            self.chunked = True
-            head = response_head(status, headers, content_length=None, close=close)
+            self.chunked = not http10  # HTTP/1.0 has no chunks: the body ends with the close
+            close = close or http10
+            self.closing = close
+            head = response_head(status, headers, content_length=None, close=close, http10=http10)
             if self.request.method == "HEAD":
                 return head
-            return head + (chunk(body) if body else b"")
-        head = response_head(status, headers, content_length=len(body), close=close)
+            return head + (chunk(body) if body and self.chunked else body)
+        self.closing = close
+        head = response_head(
+            status, headers, content_length=len(body), close=close, http10=http10
+        )
         return head if self.request.method == "HEAD" else head + body
 
 
@@ -375,7 +399,11 @@ def _unquote(raw_path: bytes) -> str:
     return unquote_to_bytes(raw_path).decode("utf-8", "replace")
 
 
-def _address(address: Any) -> tuple[str, int] | None:
+def _address(get: Callable[[], Any]) -> tuple[str, int] | None:
+    try:
+        address = get()
+    except OSError:  # ENOTCONN: the peer reset the connection before we accepted it
+        return None
     if isinstance(address, tuple) and len(address) >= 2:
         return str(address[0]), int(address[1])
     return None
