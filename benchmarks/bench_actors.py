@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+import _results
 import attrs
 import trio
 
@@ -63,19 +64,22 @@ async def cell(mode: str, senders: int, duration: float, capacity: int, batch: i
 
 
 async def main(args: argparse.Namespace) -> None:
+    started = _results.start()
     rows = []
     cells = [(mode, n) for mode in ("direct", "cast", "call") for n in (1, 32)]
     for i, (mode, senders) in enumerate(cells, 1):
         print(f"[{i}/{len(cells)}] {mode} x{senders} …", file=sys.stderr, flush=True)
         rate = await cell(mode, senders, args.duration, args.capacity, args.batch)
-        rows.append((mode, senders, rate))
+        rows.append({"mode": mode, "senders": senders, "msgs_per_s": rate,
+                     "us_per_msg": 1e6 / rate})
     print(f"\nactor runtime, mailbox {args.capacity}, batch_size {args.batch}, "
           f"{args.duration:g} s per cell, Python {sys.version.split()[0]}, trio {trio.__version__}")
     print("| mode | senders | msgs/s | µs/msg |")
     print("|---|---:|---:|---:|")
-    for mode, senders, rate in rows:
-        label = "baseline: await handler directly" if mode == "direct" else mode
-        print(f"| {label} | {senders} | {rate:,.0f} | {1e6 / rate:.2f} |")
+    for r in rows:
+        label = "baseline: await handler directly" if r["mode"] == "direct" else r["mode"]
+        print(f"| {label} | {r['senders']} | {r['msgs_per_s']:,.0f} | {r['us_per_msg']:.2f} |")
+    _results.write(__file__, args, rows, started, keys=["mode", "senders"])
 
 
 if __name__ == "__main__":

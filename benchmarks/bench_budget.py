@@ -7,9 +7,10 @@ Prints progress to stderr and a result table to stdout. Bounded: a few seconds.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+from typing import Any
 
+import _results
 import trio
 
 from sbactor.actors.budget_tracker import BudgetTracker, PreflightRequest
@@ -35,13 +36,6 @@ def scopes(i: int) -> RequestScopes:
     )
 
 
-def progress(label: str, done: int, total: int) -> None:
-    if done % max(total // 20, 1) == 0 or done == total:
-        print(f"\r{label}: {done}/{total}", end="", file=sys.stderr, flush=True)
-        if done == total:
-            print(file=sys.stderr)
-
-
 def bench_core(n: int) -> float:
     book = BudgetBook(BUDGETS, SETTINGS)
     limiter = RateLimiter(LIMITS)
@@ -57,7 +51,7 @@ def bench_core(n: int) -> float:
         limiter.commit(rid, s, 1500, now)
         book.reconcile(rid, 0.005, 800, now)
         limiter.adjust(rid, 800, now)
-        progress("core", i + 1, n)
+        _results.progress("core:", i + 1, n)
     return (time.perf_counter() - t0) / n * 1e6
 
 
@@ -67,12 +61,14 @@ async def bench_actor(n: int, concurrency: int) -> tuple[float, float]:
     )
     latencies: list[float] = []
     done = 0
+    per_worker = n // concurrency
+    total = per_worker * concurrency  # what is actually sent when n is not a multiple
     async with trio.open_nursery() as nursery:
         await nursery.start(tracker.run)
 
         async def worker(w: int) -> None:
             nonlocal done
-            for j in range(n // concurrency):
+            for j in range(per_worker):
                 i = w * n + j
                 t = time.perf_counter()
                 await tracker.preflight(
@@ -81,7 +77,7 @@ async def bench_actor(n: int, concurrency: int) -> tuple[float, float]:
                 latencies.append(time.perf_counter() - t)
                 await tracker.reconcile(f"r{i}", 0.005, 800)
                 done += 1
-                progress(f"actor c={concurrency}", done, n)
+                _results.progress(f"actor c={concurrency}:", done, total)
 
         t0 = time.perf_counter()
         async with trio.open_nursery() as inner:
@@ -91,22 +87,30 @@ async def bench_actor(n: int, concurrency: int) -> tuple[float, float]:
         await tracker.stop()
     latencies.sort()
     p50 = latencies[len(latencies) // 2] * 1e6
-    return elapsed / n * 1e6, p50
+    return elapsed / total * 1e6, p50
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=20000)
-    n = parser.parse_args().n
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20000, help="requests per case")
+    args = parser.parse_args()
+    started = _results.start()
+    n = args.n
     core = bench_core(n)
-    rows = [("pure core (check+soft landing+reserve+reconcile)", core, core)]
+    rows: list[dict[str, Any]] = [{"path": "pure core (check+soft landing+reserve+reconcile)",
+                                   "us_per_request": core, "p50_call_us": None}]
     for c in (1, 32):
         per, p50 = trio.run(bench_actor, n, c)
-        rows.append((f"actor preflight call + reconcile cast, c={c}", per, p50))
+        rows.append({"path": f"actor preflight call + reconcile cast, c={c}",
+                     "us_per_request": per, "p50_call_us": p50})
     print(f"{'path':<52} {'us/request':>12} {'p50 call us':>12}")
-    for name, per, p50 in rows:
-        print(f"{name:<52} {per:>12.1f} {p50:>12.1f}")
-    print(f"actor overhead vs core (c=1): {rows[1][1] / core:.1f}x")
+    for r in rows:
+        p50_text = "-" if r["p50_call_us"] is None else f"{r['p50_call_us']:.1f}"
+        print(f"{r['path']:<52} {r['us_per_request']:>12.1f} {p50_text:>12}")
+    overhead = rows[1]["us_per_request"] / core
+    print(f"actor overhead vs core (c=1): {overhead:.1f}x")
+    _results.write(__file__, args, rows, started, keys=["path"],
+                   summary={"actor_overhead_vs_core_c1_x": overhead})
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _results
 import httpx2
 import trio
 import yaml
@@ -125,6 +126,7 @@ async def main(args: argparse.Namespace) -> None:
     unknown = set(variants) - set(LEDGERS)
     if unknown:
         raise SystemExit(f"unknown variant(s): {', '.join(sorted(unknown))}")
+    started = _results.start()
     rates: dict[str, list[float]] = {v: [] for v in variants}
     lat: dict[str, list[float]] = {v: [] for v in variants}
     errors: dict[str, int] = dict.fromkeys(variants, 0)
@@ -167,22 +169,32 @@ async def main(args: argparse.Namespace) -> None:
         for variant in variants:
             if LEDGERS[variant] is not None:
                 report = verify(workdir / variant / "ledger", public_key=public)
-                checks[variant] = f"{'ok' if report.ok else 'BROKEN'} ({report.entries} entries)"
+                checks[variant] = ("ok" if report.ok else "BROKEN", report.entries)
 
     base = statistics.median(rates[variants[0]]) if rates[variants[0]] else float("nan")
     print(f"\nconcurrency {args.concurrency}, {args.rounds} rounds x {args.duration:g} s per "
           f"cell, interleaved; mock provider in-process (0 ms)\n")
-    print("| ledger | median req/s | min-max req/s | vs " + variants[0]
-          + " | p50 ms | p99 ms | gateway CPU ms/req | errors | verify |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    rows = []
     for variant in variants:
         r = rates[variant]
         median = statistics.median(r)
-        print(f"| {variant} | {median:.0f} | {min(r):.0f}-{max(r):.0f} | "
-              f"{100 * median / base:.0f} % | {1000 * pct(lat[variant], 0.5):.1f} | "
-              f"{1000 * pct(lat[variant], 0.99):.1f} | "
-              f"{1000 * cpu[variant] / max(1, served[variant]):.2f} | {errors[variant]} | "
-              f"{checks.get(variant, '-')} |")
+        verdict, entries = checks.get(variant, (None, None))
+        rows.append({"ledger": variant, "median_req_per_s": median, "min_req_per_s": min(r),
+                     "max_req_per_s": max(r), "vs_first_pct": 100 * median / base,
+                     "p50_ms": 1000 * pct(lat[variant], 0.5),
+                     "p99_ms": 1000 * pct(lat[variant], 0.99),
+                     "gateway_cpu_ms_per_req": 1000 * cpu[variant] / max(1, served[variant]),
+                     "errors": errors[variant], "verify": verdict, "verified_entries": entries})
+    print("| ledger | median req/s | min-max req/s | vs " + variants[0]
+          + " | p50 ms | p99 ms | gateway CPU ms/req | errors | verify |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for row in rows:
+        check = f"{row['verify']} ({row['verified_entries']} entries)" if row["verify"] else "-"
+        print(f"| {row['ledger']} | {row['median_req_per_s']:.0f} | "
+              f"{row['min_req_per_s']:.0f}-{row['max_req_per_s']:.0f} | "
+              f"{row['vs_first_pct']:.0f} % | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+              f"{row['gateway_cpu_ms_per_req']:.2f} | {row['errors']} | {check} |")
+    _results.write(__file__, args, rows, started, keys=["ledger"])
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import _results
 import trio
 import trio.testing
 
@@ -54,20 +54,13 @@ def prompt_4kb(with_pii: bool) -> str:
     return text
 
 
-def progress(label: str, i: int, n: int) -> None:
-    if i % max(1, n // 20) == 0 or i == n:
-        print(f"\r{label:<34} {i:>6}/{n}", end="", file=sys.stderr, flush=True)
-    if i == n:
-        print(file=sys.stderr)
-
-
 async def time_async(label: str, n: int, fn: Callable[[], Awaitable[object]]) -> list[float]:
     samples = []
     for i in range(1, n + 1):
         t0 = time.perf_counter()
         await fn()
         samples.append((time.perf_counter() - t0) * 1e6)
-        progress(label, i, n)
+        _results.progress(f"{label:<34}", i, n)
     return samples
 
 
@@ -77,18 +70,19 @@ def time_sync(label: str, n: int, fn: Callable[[], object]) -> list[float]:
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e6)
-        progress(label, i, n)
+        _results.progress(f"{label:<34}", i, n)
     return samples
 
 
-def row(label: str, samples: list[float]) -> str:
+def row(label: str, samples: list[float]) -> dict[str, Any]:
     samples = sorted(samples)
     p50 = statistics.median(samples)
     p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
-    return f"| {label:<40} | {p50:>9.1f} | {p99:>9.1f} | {1e6 / p50:>10.0f} |"
+    return {"section": "mesh", "case": label, "p50_us": p50, "p99_us": p99,
+            "per_s_at_p50": 1e6 / p50}
 
 
-async def gateway_throughput(requests: int, concurrency: int = 8) -> list[str]:
+async def gateway_throughput(requests: int, concurrency: int = 8) -> list[dict[str, Any]]:
     """req/s through the real gateway with a 4 KB prompt, per guardrails setting."""
     import tempfile
     from pathlib import Path
@@ -157,7 +151,7 @@ async def gateway_throughput(requests: int, concurrency: int = 8) -> list[str]:
                             r = await client.post("/v1/chat/completions", json=body)
                             assert r.status_code == 200, r.text
                             done += 1
-                            progress(label, done, requests)
+                            _results.progress(f"{label:<34}", done, requests)
 
                     t0 = time.perf_counter()
                     async with trio.open_nursery() as load:
@@ -172,19 +166,21 @@ async def gateway_throughput(requests: int, concurrency: int = 8) -> list[str]:
     best = {label: max(rps for lbl, rps, _ in lines if lbl == label) for label, _ in modes}
     base = best[modes[0][0]]
     return [
-        f"| {label:<40} | {rps:>9.0f} | {1000 / rps:>9.2f} | {rps / base:>10.2f}x |"
+        {"section": "gateway", "case": label, "req_per_s": rps, "ms_per_req": 1000 / rps,
+         "vs_off_x": rps / base}
         for label, rps in best.items()
     ]
 
 
 async def main(n: int, requests: int) -> None:
+    started = _results.start()
     cfg = GuardrailsConfig(
         input=[PiiConfig(), SecretsConfig(), PromptInjectionConfig(), LengthConfig()],
         mesh=MeshConfig(block_threshold=2),
     )
     g = CompiledGuardrails.from_config(cfg)
     clean, dirty = prompt_4kb(False), prompt_4kb(True)
-    rows: list[str] = []
+    rows: list[dict[str, Any]] = []
 
     rows.append(
         row(
@@ -229,13 +225,20 @@ async def main(n: int, requests: int) -> None:
     print(f"guardrail mesh, {len(clean)}-char prompt, {n} iterations each (microseconds)")
     print(f"| {'case':<40} | {'p50 us':>9} | {'p99 us':>9} | {'per s (p50)':>10} |")
     print(f"|{'-' * 42}|{'-' * 11}|{'-' * 11}|{'-' * 12}|")
-    print("\n".join(rows))
+    for r in rows:
+        print(f"| {r['case']:<40} | {r['p50_us']:>9.1f} | {r['p99_us']:>9.1f} | "
+              f"{r['per_s_at_p50']:>10.0f} |")
     if requests > 0:
         gw_rows = await gateway_throughput(requests)
         print(f"\ngateway throughput, 4 KB prompt, {requests} requests, concurrency 8")
         print(f"| {'case':<40} | {'req/s':>9} | {'ms/req':>9} | {'vs off':>11} |")
         print(f"|{'-' * 42}|{'-' * 11}|{'-' * 11}|{'-' * 13}|")
-        print("\n".join(gw_rows))
+        for r in gw_rows:
+            print(f"| {r['case']:<40} | {r['req_per_s']:>9.0f} | {r['ms_per_req']:>9.2f} | "
+                  f"{r['vs_off_x']:>10.2f}x |")
+        rows += gw_rows
+    _results.write(__file__, {"iterations": n, "requests": requests}, rows, started,
+                   keys=["section", "case"])
 
 
 if __name__ == "__main__":

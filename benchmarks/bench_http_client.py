@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any
 
+import _results
 import orjson
 import trio
 
@@ -105,6 +106,7 @@ def _summary(latencies: list[float], errors: int, elapsed: float, cpu: float) ->
 
 
 async def main(args: argparse.Namespace) -> None:
+    started = _results.start()
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "sbactor.upstream_mock.cli", "mock-upstream", "--bind",
          "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -140,6 +142,12 @@ async def main(args: argparse.Namespace) -> None:
     for name, c, r in rows:
         print(f"{name:<14} {c:>5} {r['rps']:>8.0f} {r['p50']:>8.1f} {r['p99']:>8.1f} "
               f"{r['cpu_us']:>10.0f} {int(r['n']):>9} {int(r['errors']):>7}")
+    _results.write(__file__, args, [
+        {"client": name, "concurrency": c, "req_per_s": r["rps"], "p50_ms": r["p50"],
+         "p99_ms": r["p99"], "cpu_us_per_req": r["cpu_us"], "requests": int(r["n"]),
+         "errors": int(r["errors"])}
+        for name, c, r in rows
+    ], started, keys=["client", "concurrency"])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import _results
 import trio
 
 from sbactor.actors.ledger_writer import LedgerWriter
@@ -112,11 +113,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
     n, c = args.entries, args.concurrency
-    rows: list[tuple[str, str]] = []
+    started = _results.start()
+    rows: list[dict[str, Any]] = []
     for signed in (False, True):
         progress(f"core make_entry signed={signed}")
-        rows.append((f"core make_entry, {'signed' if signed else 'unsigned'}",
-                     f"{bench_core(n, signed):,.0f} entries/s"))
+        rows.append({"case": f"core make_entry, {'signed' if signed else 'unsigned'}",
+                     "entries_per_s": bench_core(n, signed), "fsyncs": None})
     cases: list[tuple[bool, Literal["always", "batch", "never"], Literal["strict", "batch"]]] = [
         (False, "never", "batch"), (True, "never", "batch"),
         (False, "batch", "batch"), (True, "batch", "batch"),
@@ -128,16 +130,18 @@ def main() -> None:
         rate, fsyncs = bench_writer(n_case, c, signed, fsync, durability)
         label = (f"writer {'signed' if signed else 'unsigned'}, fsync={fsync},"
                  f" durability={durability}")
-        rows.append((label, f"{rate:,.0f} entries/s ({fsyncs} fsyncs)"))
+        rows.append({"case": label, "entries_per_s": rate, "fsyncs": fsyncs})
     progress("verify")
     chain_only, with_sigs = bench_verify(n)
-    rows.append(("verify, chain only", f"{chain_only:,.0f} entries/s"))
-    rows.append(("verify, chain + signatures", f"{with_sigs:,.0f} entries/s"))
-    width = max(len(r[0]) for r in rows)
+    rows.append({"case": "verify, chain only", "entries_per_s": chain_only, "fsyncs": None})
+    rows.append({"case": "verify, chain + signatures", "entries_per_s": with_sigs, "fsyncs": None})
+    width = max(len(r["case"]) for r in rows)
     print(f"ledger benchmark: {n} entries per case (fsync=always: <= 2000), concurrency {c},"
           f" cap {LIMIT_S:.0f} s per case")
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value}")
+    for r in rows:
+        note = "" if r["fsyncs"] is None else f" ({r['fsyncs']} fsyncs)"
+        print(f"  {r['case']:<{width}}  {r['entries_per_s']:,.0f} entries/s{note}")
+    _results.write(__file__, args, rows, started, keys=["case"])
 
 
 if __name__ == "__main__":

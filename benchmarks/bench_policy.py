@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import _results
 import celpy
 
 from sbactor.policy import CompiledPolicy, PolicyConfig, build_activation, parse_actions
@@ -50,26 +50,25 @@ ACTIVATION = build_activation(
 )
 
 
-def measure(name: str, fn: Callable[[], Any], n: int) -> tuple[str, float, float]:
+def measure(name: str, fn: Callable[[], Any], n: int) -> dict[str, Any]:
     for _ in range(min(1000, n)):
         fn()
     samples = []
-    step = max(1, n // 10)
-    for i in range(n):
+    for i in range(1, n + 1):
         t0 = time.perf_counter_ns()
         fn()
         samples.append(time.perf_counter_ns() - t0)
-        if i % step == 0:
-            print(f"\r{name:<44} {i * 100 // n:3d}%", end="", file=sys.stderr, flush=True)
-    print(f"\r{name:<44} done", file=sys.stderr)
+        _results.progress(f"{name:<44}", i, n)
     samples.sort()
-    return name, samples[n // 2] / 1000, samples[int(n * 0.99)] / 1000
+    return {"path": name, "p50_us": samples[n // 2] / 1000, "p99_us": samples[int(n * 0.99)] / 1000}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=20000)
-    n = parser.parse_args().n
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20000, help="evaluations per row (stock: n/4)")
+    args = parser.parse_args()
+    n = args.n
+    started = _results.start()
     logging.getLogger("celpy").setLevel(logging.CRITICAL)
 
     policy = CompiledPolicy.compile(
@@ -96,14 +95,16 @@ def main() -> None:
     ]
     print(f"policy evaluation, 5-clause expression, n={n} (stock rows n={n // 4})")
     print(f"{'path':<44} {'p50 us':>9} {'p99 us':>9}")
-    for name, p50, p99 in rows:
-        print(f"{name:<44} {p50:9.1f} {p99:9.1f}")
-    total = rows[0][1]
-    stock = rows[4][1]
+    for r in rows:
+        print(f"{r['path']:<44} {r['p50_us']:9.1f} {r['p99_us']:9.1f}")
+    total = rows[0]["p50_us"]
+    stock = rows[4]["p50_us"]
     print(
         f"target p50 <= 100 us: {'met' if total <= 100 else 'MISSED'} ({total:.1f} us); "
         f"stock/gateway p50 ratio {stock / total:.1f}x"
     )
+    summary = {"target_p50_met": total <= 100, "stock_vs_gateway_p50_x": stock / total}
+    _results.write(__file__, args, rows, started, keys=["path"], summary=summary)
 
 
 if __name__ == "__main__":

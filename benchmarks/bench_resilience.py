@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _results
 import attrs
 import httpx2
 import trio
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0, help="mock upstream latency")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
+    started = _results.start()
     mock, mock_url = start([PY, "-m", "sbactor", "mock-upstream", "--bind", "127.0.0.1:0",
                             "--latency-ms", str(args.latency_ms), "--fail-rate",
                             str(MOCK_FAIL_RATE), "--fail-status", "503", "--seed",
@@ -175,13 +177,21 @@ def main() -> None:
     print(f"\n~20 % of first attempts fail (503 {MOCK_FAIL_RATE:.0%} random; 429, 529, "
           f"context window, content filter 2.5 % each); mock latency {args.latency_ms:g} ms, "
           f"concurrency {args.concurrency}, {args.duration:g} s per mode\n")
+    rows: list[dict[str, Any]] = [
+        {"mode": r.mode, "requests": r.n, "success_pct": 100 * r.ok / max(r.n, 1),
+         "p50_ms": r.pct(0.5), "p99_ms": r.pct(0.99),
+         "attempts_per_request": r.attempts / max(r.n, 1), "req_per_s": r.n / r.elapsed,
+         "statuses": {str(k): v for k, v in sorted(r.statuses.items())}}
+        for r in results
+    ]
     print("| mode | requests | success | p50 ms | p99 ms | attempts/req | req/s | statuses |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
-    for r in results:
-        statuses = " ".join(f"{k}:{v}" for k, v in sorted(r.statuses.items()))
-        print(f"| {r.mode} | {r.n} | {100 * r.ok / max(r.n, 1):.1f} % | {r.pct(0.5):.1f} | "
-              f"{r.pct(0.99):.1f} | {r.attempts / max(r.n, 1):.2f} | {r.n / r.elapsed:.0f} | "
+    for r in rows:
+        statuses = " ".join(f"{k}:{v}" for k, v in r["statuses"].items())
+        print(f"| {r['mode']} | {r['requests']} | {r['success_pct']:.1f} % | {r['p50_ms']:.1f} | "
+              f"{r['p99_ms']:.1f} | {r['attempts_per_request']:.2f} | {r['req_per_s']:.0f} | "
               f"{statuses} |")
+    _results.write(__file__, args, rows, started, keys=["mode"])
 
 
 if __name__ == "__main__":

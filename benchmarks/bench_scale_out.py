@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _results
 import httpx2
 import trio
 import yaml
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
+    started = _results.start()
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     redis_port, upstream_port = free_port(), free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
@@ -180,6 +182,13 @@ def main() -> None:
     one = base[("redis, 1 worker", args.concurrency)][2]
     two = base[("redis, 2 workers", args.concurrency)][2]
     print(f"2 workers / 1 worker throughput (redis): {two / one:.2f}x")
+    _results.write(__file__, args, [
+        {"case": label, "concurrency": conc, "req_per_s": rps, "p50_ms": p50, "errors": errors,
+         "cpu_ms_per_req": cpu} for label, conc, rps, p50, errors, cpu in rows
+    ], started, keys=["case", "concurrency"], summary={
+        "redis_overhead_c1_p50_ms": r1[3] - m1[3], "redis_overhead_c1_cpu_ms": r1[5] - m1[5],
+        "redis_overhead_cN_cpu_ms": rc[5] - mc[5], "redis_vs_memory_cN_throughput_x": rc[2] / mc[2],
+        "two_vs_one_worker_throughput_x": two / one})
 
 
 if __name__ == "__main__":
