@@ -7,10 +7,11 @@ import logging
 import re
 import sys
 import time
-import uuid
 from typing import Any
 
 import orjson
+
+from sbactor.ids import new_id
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "sbactor_request_id", default=None
@@ -21,7 +22,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 def request_id_from(incoming: str | None) -> str:
     """The client's ``x-request-id`` when it is safe to echo and log, else a new one."""
-    return incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    return incoming if incoming and _REQUEST_ID.match(incoming) else new_id()
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 

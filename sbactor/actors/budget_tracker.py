@@ -21,7 +21,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
-from sbactor.actors.runtime import Actor, ActorClosed, Supervision
+from sbactor.actors.runtime import Actor, ActorClosed, NotInline, Supervision
 from sbactor.budget.book import BudgetBook, Decision, Refused
 from sbactor.budget.config import BudgetConfig, BudgetSettings, RateLimitConfig
 from sbactor.budget.ratelimit import RateLimiter, RateRefused
@@ -266,6 +266,11 @@ class BudgetTracker(Actor):
         """A handler bug must not wipe spend: keep the book (it is only mutated by complete
         operations), just note the restart."""
         log.warning("budget tracker restarted after an error: %s", self.statistics().last_error)
+
+    def handle_now(self, message: Any) -> Any:
+        if type(message) is PreflightRequest:
+            return self._preflight(message)  # pure book arithmetic: no await, safe inline
+        raise NotInline
 
     async def handle(self, message: Any) -> Any:
         if isinstance(message, PreflightRequest):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -13,6 +12,7 @@ import orjson
 from sbactor.auth import Principal
 from sbactor.config import ModelConfig
 from sbactor.errors import GatewayError, bad_request
+from sbactor.ids import new_id
 from sbactor.resilience.planner import Attempt
 
 
@@ -65,7 +65,7 @@ class RequestContext:
     finalized: bool = False
     # unique per request even when clients reuse an x-request-id: the key for budget
     # reservations and for the ledger's dedup (so a retried request's real spend is recorded)
-    uid: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+    uid: str = attrs.field(factory=new_id)
 
     def overhead_ms(self) -> float:
         total = time.perf_counter() - self.started

@@ -33,7 +33,7 @@ from sbactor.actors.budget_tracker import (
     Reconcile,
     _rate_refusal,
 )
-from sbactor.actors.runtime import ActorClosed
+from sbactor.actors.runtime import ActorClosed, NotInline
 from sbactor.budget.book import CounterView, Refused, soft_landing
 from sbactor.budget.ratelimit import RateRefused
 from sbactor.budget.scopes import CounterId, RequestScopes, counters_for, rate_counters_for
@@ -95,6 +95,9 @@ class SharedBudgetTracker(BudgetTracker):
             self.cast_nowait(_Flush())
         except (ActorClosed, trio.WouldBlock):  # full mailbox: the next tick flushes
             pass
+
+    def handle_now(self, message: Any) -> Any:
+        raise NotInline  # every pre-flight is a Redis round trip, batched per drain
 
     async def handle_batch(self, messages: Sequence[Any]) -> list[Any]:
         """Every pre-flight and reconcile waiting in the mailbox goes to Redis in one pipelined

@@ -21,6 +21,7 @@ from sbactor.actors.runtime import (
     ActorCrashed,
     ActorError,
     ActorSystem,
+    NotInline,
     Supervision,
 )
 
@@ -438,3 +439,68 @@ async def test_post_does_not_yield_with_room_and_waits_when_full(nursery: trio.N
     await posted.wait()
     await actor.stop()
     assert actor.seen == [1, 2, 3]
+
+
+# ---- inline calls (handle_now) ------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Inliner(Recorder):
+    """Answers ("now", msg) inline for strings starting with "now"; "now-boom" raises."""
+
+    def handle_now(self, message: Any) -> Any:
+        if not (isinstance(message, str) and message.startswith("now")):
+            raise NotInline
+        if message == "now-boom":
+            raise ValueError("inline boom")
+        self.seen.append(message)
+        return ("now", message)
+
+
+async def _started(actor: Actor, nursery: trio.Nursery) -> Actor:
+    await nursery.start(actor.run)
+    await trio.testing.wait_all_tasks_blocked()  # the actor is parked on its empty mailbox
+    return actor
+
+
+async def test_call_on_idle_actor_runs_handle_now_inline() -> None:
+    async with trio.open_nursery() as nursery:
+        actor = await _started(Inliner("inl"), nursery)
+        assert await actor.call("now-1") == ("now", "now-1")
+        assert await actor.call("plain") == ("ok", "plain")  # NotInline: through the mailbox
+        stats = actor.statistics()
+        assert (stats.inlined, stats.processed) == (1, 2)
+        await actor.stop()
+
+
+async def test_a_queued_message_is_never_overtaken_by_an_inline_call() -> None:
+    async with trio.open_nursery() as nursery:
+        actor = await _started(Inliner("inl"), nursery)
+        actor.cast_nowait("first")  # handed to the parked actor, not yet handled
+        assert await actor.call("now-2") == ("ok", "now-2")  # answered by handle, in order
+        assert actor.seen == ["first", "now-2"]
+        assert actor.statistics().inlined == 0
+        await actor.stop()
+
+
+async def test_inline_error_is_the_callers_and_the_actor_keeps_serving() -> None:
+    async with trio.open_nursery() as nursery:
+        actor = await _started(Inliner("inl"), nursery)
+        with pytest.raises(ActorError, match="inline boom"):
+            await actor.call("now-boom")
+        stats = actor.statistics()
+        assert stats.errors == 1 and stats.running
+        assert await actor.call("now-3") == ("now", "now-3")
+        await actor.stop()
+
+
+async def test_closed_or_escalating_actors_never_answer_inline() -> None:
+    async with trio.open_nursery() as nursery:
+        closing = await _started(Inliner("closing"), nursery)
+        closing.close()
+        with pytest.raises(ActorClosed):
+            await closing.call("now-4")
+        strict = await _started(Inliner("strict", supervision=Supervision.ESCALATE), nursery)
+        assert await strict.call("now-5") == ("ok", "now-5")
+        assert strict.statistics().inlined == 0  # an error must be able to crash the gateway
+        await strict.stop()
