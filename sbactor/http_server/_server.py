@@ -47,6 +47,8 @@ ASGIApp = Callable[
 ]
 
 _READ_SIZE = 65536
+_MAX_REFUSING = 512  # over-cap connections answered 503 at once; beyond, closed unanswered
+_LINGER_LIMIT = 1 << 20  # request bytes read and dropped after an early error answer
 _PENDING_LIMIT = 65536  # pipelined bytes buffered while a request runs
 
 
@@ -75,9 +77,25 @@ class HttpServer:
     access_log: bool = False
     _connections: set[_Connection] = attrs.field(factory=set, init=False)
     _refused: int = attrs.field(default=0, init=False)
+    _refusing: int = attrs.field(default=0, init=False)  # refusals being answered now
     _requests: int = attrs.field(default=0, init=False)
     _draining: bool = attrs.field(default=False, init=False)
     _all_closed: trio.Event = attrs.field(factory=trio.Event, init=False)
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        """Over the connection cap: a canned 503 that never reaches the application."""
+        self._refusing += 1
+        try:
+            with trio.move_on_after(1.0):
+                await stream.receive_some(_READ_SIZE)
+            with trio.move_on_after(1.0):
+                message = "the gateway is at its connection limit; retry shortly"
+                await stream.send_all(error_response(503, message, extra=[(b"retry-after", b"1")]))
+            await linger_close(stream, seconds=0.5)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await _close(stream)
+        finally:
+            self._refusing -= 1
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(len(self._connections), self._refused, self._requests)
@@ -124,7 +142,10 @@ class HttpServer:
                 continue
             if len(self._connections) >= self.limits.max_connections:
                 self._refused += 1
-                nursery.start_soon(_refuse, stream)
+                if self._refusing < _MAX_REFUSING:
+                    nursery.start_soon(self._refuse, stream)
+                else:  # a storm beyond even that: drop at once, spend nothing
+                    await _close(stream)
                 continue
             connection = _Connection(self, stream)
             self._connections.add(connection)
@@ -140,26 +161,37 @@ class HttpServer:
             log.exception("connection failed")
         finally:
             self._connections.discard(connection)
-            with trio.CancelScope(shield=True):
-                await connection.stream.aclose()
+            if connection.linger:
+                with trio.CancelScope(shield=True):
+                    await linger_close(connection.stream)
+            else:
+                await _close(connection.stream)
             if self._draining and not self._connections:
                 self._all_closed.set()
 
 
-async def _refuse(stream: trio.SocketStream) -> None:
-    """Over the connection cap: read the request (closing on unread data would reset the
-    connection before the client sees our answer), answer 503, close."""
+async def _close(stream: trio.SocketStream) -> None:
+    with trio.CancelScope(shield=True):
+        await stream.aclose()
+
+
+async def linger_close(stream: trio.SocketStream, *, seconds: float = 1.0) -> None:
+    """Close after an early answer without resetting the connection: closing with unread
+    request bytes makes the kernel send RST, and some clients then drop the answer they were
+    sent. So: FIN our side, read and discard what the client still sends (bounded), close."""
     try:
-        with trio.move_on_after(1.0):
-            await stream.receive_some(_READ_SIZE)
-        with trio.move_on_after(1.0):
-            message = "the gateway is at its connection limit; retry shortly"
-            await stream.send_all(error_response(503, message, extra=[(b"retry-after", b"1")]))
+        await stream.send_eof()
+        discarded = 0
+        with trio.move_on_after(seconds):
+            while discarded < _LINGER_LIMIT:
+                data = await stream.receive_some(_READ_SIZE)
+                if not data:
+                    break
+                discarded += len(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     finally:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
+        await _close(stream)
 
 
 @attrs.define(eq=False)
@@ -171,6 +203,7 @@ class _Connection:
     reader: RequestReader = attrs.field(init=False)
     pending: list[bytes] = attrs.field(factory=list)  # read while a request ran
     violation: ProtocolViolation | None = None  # answered after the requests before it
+    linger: bool = False  # closing after an early error answer: drain before close
     client: tuple[str, int] | None = attrs.field(init=False)
     local: tuple[str, int] | None = attrs.field(init=False)
 
@@ -207,6 +240,7 @@ class _Connection:
                 await self._send_error(
                     violation.status, violation.message, request_id=violation.request_id
                 )
+                self.linger = True  # the rest of a refused body may still be on its way
                 return None
             if reader.expects_continue and not continue_sent:
                 # here, not right after feed: no earlier request's response is still owed

@@ -455,6 +455,33 @@ async def test_oversize_body_is_413_and_closed_before_the_app_runs(
         assert app.calls == []
 
 
+async def test_oversize_body_still_on_its_way_gets_the_413_and_a_clean_close(
+    nursery: trio.Nursery,
+) -> None:
+    """The client is still sending its body when the 413 goes out. The server half-closes and
+    drains before closing, so the client sees the answer, then EOF — not ECONNRESET, which is
+    what closing a socket with unread bytes produces (and some clients then lose the answer)."""
+    served = await serve(nursery, App(), max_body_bytes=1000)
+    with trio.fail_after(10):
+        client = await served.connect()
+        await client.send(get("/echo", "content-length: 2000000", "x-request-id: big-2",
+                              method="POST"))
+        sent_all = trio.Event()
+
+        async def keep_sending() -> None:
+            for _ in range(8):  # 512 KiB: arrives after the 413, within the drain limit
+                await client.send(b"z" * 65536)
+                await trio.sleep(0.005)
+            sent_all.set()
+
+        nursery.start_soon(keep_sending)
+        await sent_all.wait()
+        response = await client.read_response()
+        assert (response.status, response.get("x-request-id")) == (413, "big-2")
+        assert client.buffer == b""
+        assert await client.stream.receive_some(65536) == b""  # FIN, not a reset
+
+
 async def test_oversize_headers_are_431(nursery: trio.Nursery) -> None:
     served = await serve(nursery, App(), max_header_bytes=1024)
     with trio.fail_after(5):
