@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal
@@ -19,6 +18,7 @@ import attrs
 import trio
 
 from sbactor.actors.runtime import Actor
+from sbactor.bounded import KeyRing, compact_key
 from sbactor.routing.config import RoutingSettings
 from sbactor.routing.share import ShareWindow
 from sbactor.routing.stats import (
@@ -56,12 +56,95 @@ class _Feedback:
     owner: str = ""
 
 
-@attrs.define
+@attrs.frozen
 class _Served:
+    """What the store remembers about one served request (a view: see ``_ServedMap``)."""
+
     deployment_id: str
     model: str
     feedback_done: bool = False
     owner: str = ""
+
+
+# One entry of the served map: 4 bytes = which (deployment, model, owner), 1 byte = feedback done.
+_LABEL_BYTES = 4
+_DONE = _LABEL_BYTES
+
+
+class _ServedMap:
+    """``request_id → _Served`` for the last ``capacity`` outcomes, in fixed memory.
+
+    Each entry is 21 bytes in a preallocated ``KeyRing`` (the request id as 16 bytes, see
+    ``compact_key``; a 4-byte number naming its ``(deployment_id, model, owner)``; a feedback-done
+    flag) plus 4-byte index slots: ~31 bytes, against ~230 for an ``OrderedDict`` of
+    ``_Served``. The distinct ``(deployment_id, model, owner)`` triples are kept once, with a
+    count of the entries naming them, and dropped when the last such entry goes.
+    """
+
+    __slots__ = ("_free", "_ids", "_labels", "_refs", "_ring")
+
+    def __init__(self, capacity: int) -> None:
+        self._ring = KeyRing(capacity, value_size=_LABEL_BYTES + 1)
+        self._labels: list[tuple[str, str, str] | None] = []
+        self._refs: list[int] = []
+        self._ids: dict[tuple[str, str, str], int] = {}
+        self._free: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    def labels(self) -> int:
+        """How many distinct (deployment_id, model, owner) triples the entries name."""
+        return len(self._ids)
+
+    def get(self, request_id: str) -> _Served | None:
+        slot = self._ring.find(compact_key(request_id))
+        if slot < 0:
+            return None
+        value = self._ring.value(slot)
+        label = self._labels[int.from_bytes(value[:_LABEL_BYTES], "little")]
+        assert label is not None
+        return _Served(label[0], label[1], feedback_done=bool(value[_DONE]), owner=label[2])
+
+    def put(self, request_id: str, deployment_id: str, model: str, owner: str) -> None:
+        """Remember a served request as the newest entry (replacing one with the same id)."""
+        key = compact_key(request_id)
+        slot = self._ring.find(key)
+        if slot >= 0:
+            self._release(self._ring.value(slot))
+            self._ring.remove(slot)
+        label = (deployment_id, model, owner)
+        number = self._ids.get(label)
+        if number is None:
+            if self._free:
+                number = self._free.pop()
+                self._labels[number] = label
+                self._refs[number] = 0
+            else:
+                number = len(self._labels)
+                self._labels.append(label)
+                self._refs.append(0)
+            self._ids[label] = number
+        self._refs[number] += 1
+        evicted = self._ring.insert(key, number.to_bytes(_LABEL_BYTES, "little") + b"\0")
+        if evicted is not None:
+            self._release(evicted)
+
+    def mark_done(self, request_id: str) -> None:
+        slot = self._ring.find(compact_key(request_id))
+        if slot >= 0:
+            value = self._ring.value(slot)
+            self._ring.set_value(slot, value[:_DONE] + b"\1")
+
+    def _release(self, value: bytes) -> None:
+        number = int.from_bytes(value[:_LABEL_BYTES], "little")
+        self._refs[number] -= 1
+        if self._refs[number] == 0:
+            label = self._labels[number]
+            assert label is not None
+            del self._ids[label]
+            self._labels[number] = None
+            self._free.append(number)
 
 
 def _check_feedback(outcome: str, score: float | None) -> float:
@@ -90,7 +173,7 @@ class FeedbackStore(Actor):
     _stats: Mapping[str, DeploymentStats] = attrs.field(
         init=False, factory=lambda: MappingProxyType({})
     )
-    _served: OrderedDict[str, _Served] = attrs.field(init=False, factory=OrderedDict)
+    _served: _ServedMap = attrs.field(init=False)
     _shares: ShareWindow = attrs.field(init=False)
     _router: Router = attrs.field(init=False)
     _outcomes: int = attrs.field(init=False, default=0)
@@ -101,6 +184,7 @@ class FeedbackStore(Actor):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._shares = ShareWindow(self.settings.share_window)
+        self._served = _ServedMap(self.settings.feedback_capacity)
         self._router = Router(self.settings, self.rng)
 
     # ---- client API ------------------------------------------------------------------------
@@ -202,10 +286,7 @@ class FeedbackStore(Actor):
         current = decay(self._stats.get(o.deployment_id, EMPTY_STATS), now, s.decay_s)
         self._replace(o.deployment_id, update_stats(current, o, s.alpha, now))
         self._outcomes += 1
-        self._served.pop(o.request_id, None)
-        self._served[o.request_id] = _Served(o.deployment_id, o.model, owner=o.owner)
-        while len(self._served) > s.feedback_capacity:
-            self._served.popitem(last=False)
+        self._served.put(o.request_id, o.deployment_id, o.model, o.owner)
 
     def _apply(self, f: _Feedback) -> FeedbackResult:
         served = self._served.get(f.request_id)
@@ -219,7 +300,7 @@ class FeedbackStore(Actor):
         if served.feedback_done:
             self._feedback_counts["duplicate"] += 1
             return base
-        served.feedback_done = True
+        self._served.mark_done(f.request_id)
         now = self.clock()
         s = self.settings
         current = decay(self._stats.get(served.deployment_id, EMPTY_STATS), now, s.decay_s)

@@ -12,7 +12,6 @@ import errno
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +20,7 @@ import attrs
 import trio
 
 from sbactor.actors.runtime import Actor, ActorClosed, Supervision
+from sbactor.bounded import RecentKeys, compact_key
 from sbactor.ledger.chain import (
     GENESIS_HASH,
     SigningKey,
@@ -96,7 +96,8 @@ class LedgerWriter(Actor):
     _cp_fd: int | None = attrs.field(init=False, default=None)
     _dirty: bool = attrs.field(init=False, default=False)
     _failed: str | None = attrs.field(init=False, default=None)
-    _dedup: OrderedDict[str, None] = attrs.field(init=False, factory=OrderedDict)
+    # the most recent dedup_capacity keys, 16 bytes each in fixed memory (built by replay)
+    _dedup: RecentKeys | None = attrs.field(init=False, default=None)
     _duplicates: int = attrs.field(init=False, default=0)
     _lost: int = attrs.field(init=False, default=0)
     _fsyncs: int = attrs.field(init=False, default=0)
@@ -164,7 +165,7 @@ class LedgerWriter(Actor):
             "segment": segment_name(self._segment_index),
             "directory": str(self.directory),
             "failed": self._failed,
-            "dedup_size": len(self._dedup),
+            "dedup_size": 0 if self._dedup is None else len(self._dedup),
             "dedup_capacity": self.dedup_capacity,
             "duplicates": self._duplicates,
             "lost": self._lost,
@@ -229,7 +230,7 @@ class LedgerWriter(Actor):
             await trio.to_thread.run_sync(os.truncate, cp_path, state.checkpoint_torn_offset)
             log.warning("ledger: truncated a torn last line of %s", CHECKPOINT_FILE)
         self._next_seq, self._head = state.next_seq, state.head_hash
-        self._dedup = OrderedDict.fromkeys(state.recent_keys)
+        self._dedup = state.recent
         self._since_checkpoint = state.next_seq - 1 - (
             -1 if state.last_checkpoint_seq is None else state.last_checkpoint_seq)
         if state.segment is not None:
@@ -280,17 +281,20 @@ class LedgerWriter(Actor):
         results: list[Any] = [None] * len(messages)
         events: list[dict[str, Any]] = []
         owners: list[int] = []
-        batch_keys: set[str] = set()
+        batch_keys: dict[bytes, None] = {}  # insertion order: the order they are recorded
+        dedup = self._dedup
+        assert dedup is not None, "handle_batch before on_start"
         for index, message in enumerate(messages):
             if not isinstance(message, Append):
                 continue
             event = normalize_event(message.event)
-            key = dedup_key(event)
-            if key is not None and (key in self._dedup or key in batch_keys):
+            text = dedup_key(event)
+            key = None if text is None else compact_key(text)
+            if key is not None and (key in batch_keys or dedup.contains_compact(key)):
                 self._duplicates += 1
                 continue
             if key is not None:
-                batch_keys.add(key)
+                batch_keys[key] = None
             events.append(event)
             owners.append(index)
         if events:
@@ -301,9 +305,7 @@ class LedgerWriter(Actor):
                     results[index] = error
                 return results
             for key in batch_keys:
-                self._dedup[key] = None
-            while len(self._dedup) > self.dedup_capacity:
-                self._dedup.popitem(last=False)
+                dedup.add_compact(key)  # evicts the oldest key once dedup_capacity are held
         due = trio.current_time() - self._last_checkpoint_at >= self.checkpoint_interval_s
         if self._since_checkpoint >= self.checkpoint_every or (due and self._since_checkpoint):
             await self._checkpoint()

@@ -9,12 +9,12 @@ overshoot a cap as long as each actual cost stays within its reservation.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
 
+from sbactor.bounded import RecentKeys, compact_key
 from sbactor.budget.config import BudgetConfig, BudgetSettings
 from sbactor.budget.counter import Counter
 from sbactor.budget.scopes import CounterId, RequestScopes, counters_for, unique_labels
@@ -111,7 +111,8 @@ class BudgetBook:
     _by_label: dict[str, BudgetConfig] = attrs.field(init=False)
     _counters: dict[CounterId, Counter] = attrs.field(init=False, factory=dict)
     _reservations: dict[str, _Reservation] = attrs.field(init=False, factory=dict)
-    _recent: OrderedDict[str, None] = attrs.field(init=False, factory=OrderedDict)
+    # ids reconciled lately (reconcile is idempotent): 16 bytes each, in fixed memory
+    _recent: RecentKeys = attrs.field(init=False, factory=lambda: RecentKeys(_RECENT_RECONCILED))
     _reserved_calls: int = attrs.field(init=False, default=0)
     _refused_calls: int = attrs.field(init=False, default=0)
     _reconciled_calls: int = attrs.field(init=False, default=0)
@@ -213,7 +214,8 @@ class BudgetBook:
         An unknown id is a no-op unless ``scopes`` is given (the reservation expired, or the
         request skipped pre-flight): then the spend is recorded against those scopes.
         """
-        if request_id in self._recent:
+        key = compact_key(request_id)
+        if self._recent.contains_compact(key):
             return False
         reservation = self._release(request_id)
         if reservation is not None:
@@ -225,9 +227,7 @@ class BudgetBook:
         for cid in ids:
             if cid.budget in self._by_label:
                 self._counter(cid, now).add_spend(actual_cost, actual_tokens, now)
-        self._recent[request_id] = None
-        if len(self._recent) > _RECENT_RECONCILED:
-            self._recent.popitem(last=False)
+        self._recent.add_compact(key)  # evicts the oldest id once _RECENT_RECONCILED are held
         self._reconciled_calls += 1
         return True
 

@@ -6,12 +6,12 @@ entry at its seq, and the last checkpoint compared with the end (tail truncation
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 import attrs
 
+from sbactor.bounded import RecentKeys
 from sbactor.ledger.chain import GENESIS_HASH, ChainChecker, ChainError, PublicKey, dedup_key
 from sbactor.ledger.checkpoint import Checkpoint, checkpoint_problem
 from sbactor.ledger.segments import (
@@ -233,7 +233,7 @@ class ReplayResult:
     head_hash: str
     segment: Path | None  # the last segment (None: empty directory)
     segment_size: int  # its size once a torn tail is cut off
-    recent_keys: tuple[str, ...]  # oldest first, at most dedup_capacity
+    recent: RecentKeys  # the dedup keys of the newest dedup_capacity entries that have one
     torn: TornTail | None
     checkpoint_torn_offset: int | None
     last_checkpoint_seq: int | None
@@ -248,16 +248,9 @@ def replay(directory: Path, *, dedup_capacity: int) -> ReplayResult:
     cp_file = read_checkpoints(cp_path) if cp_path.is_file() else None
     if cp_file is not None and cp_file.problem is not None:
         raise LedgerCorrupt(f"ledger {directory}: {cp_file.problem}", None, None, None)
-    recent: OrderedDict[str, None] = OrderedDict()
-
-    def remember(key: str) -> None:
-        recent[key] = None
-        recent.move_to_end(key)
-        if len(recent) > dedup_capacity:
-            recent.popitem(last=False)
-
+    recent = RecentKeys(dedup_capacity)
     checker = ChainChecker()
-    scan = _scan(segments, checker, cp_file.checkpoints if cp_file else (), on_key=remember)
+    scan = _scan(segments, checker, cp_file.checkpoints if cp_file else (), on_key=recent.add)
     if scan.error is not None:
         where = f"{scan.segment} line {scan.line_number}" if scan.line_number else str(directory)
         raise LedgerCorrupt(
@@ -269,7 +262,7 @@ def replay(directory: Path, *, dedup_capacity: int) -> ReplayResult:
         head_hash=checker.head_hash if checker.next_seq else GENESIS_HASH,
         segment=segments[-1] if segments else None,
         segment_size=scan.end_size,
-        recent_keys=tuple(recent),
+        recent=recent,
         torn=scan.torn,
         checkpoint_torn_offset=cp_file.torn_offset if cp_file else None,
         last_checkpoint_seq=max((c.seq for c in cp_file.checkpoints), default=None)

@@ -32,6 +32,7 @@ from sbactor.actors.budget_tracker import (
     PreflightResult,
     Reconcile,
     _rate_refusal,
+    _Tick,
 )
 from sbactor.actors.runtime import ActorClosed, NotInline
 from sbactor.budget.book import CounterView, Refused, soft_landing
@@ -48,6 +49,9 @@ MAX_PENDING = 100_000
 BATCH = 64
 #: Window keys live this long past their window's end (late reconciles still land).
 KEY_GRACE_S = 3600
+#: An in-flight entry whose reconcile never came is forgotten this many reservation TTLs after
+#: its admission (Redis released its hold after one TTL).
+STALE_HOLD_TTLS = 2
 
 
 def _glob_escape(text: str) -> str:
@@ -76,8 +80,11 @@ class SharedBudgetTracker(BudgetTracker):
     state: StateClient | None = None
     fail_open: bool = False
 
+    # in-flight requests (popped by their reconcile; one whose reconcile was lost is forgotten
+    # after STALE_HOLD_TTLS reservation TTLs, see _forget_stale)
     _held: dict[str, _Held] = attrs.field(init=False, factory=dict)
-    _local: dict[str, RequestScopes] = attrs.field(init=False, factory=dict)
+    _local: dict[str, tuple[RequestScopes, float]] = attrs.field(init=False, factory=dict)
+    _forgotten: int = attrs.field(init=False, default=0)
     _pending: deque[tuple[_Held, float, int]] = attrs.field(init=False, factory=deque)
     _shared_refused: int = attrs.field(init=False, default=0)
     _degraded_calls: int = attrs.field(init=False, default=0)
@@ -126,6 +133,8 @@ class SharedBudgetTracker(BudgetTracker):
             return None
         if isinstance(message, AdminSnapshot):
             return await self._admin_rows()
+        if isinstance(message, _Tick):
+            self._forget_stale(self._now())
         result = await super().handle(message)
         if self._pending:
             await self._flush()
@@ -287,7 +296,7 @@ class SharedBudgetTracker(BudgetTracker):
         self._degraded_calls += 1
         result = self._preflight(req)  # the inherited local book and limiter
         if result.ok:
-            self._local[req.request_id] = req.scopes
+            self._local[req.request_id] = (req.scopes, self._now())
         return attrs.evolve(result, degraded=True)
 
     # ---- reconcile ---------------------------------------------------------------------------
@@ -296,7 +305,8 @@ class SharedBudgetTracker(BudgetTracker):
         self, message: Reconcile, now: float
     ) -> tuple[str, list[str], list[Any], Any] | None:
         held = self._held.pop(message.request_id, None)
-        local_scopes = self._local.pop(message.request_id, None)
+        local = self._local.pop(message.request_id, None)
+        local_scopes = None if local is None else local[0]
         if held is None and local_scopes is None:
             if message.scopes is None or (message.actual_cost_usd <= 0 and
                                           message.actual_tokens <= 0):
@@ -312,6 +322,23 @@ class SharedBudgetTracker(BudgetTracker):
         cost, tokens = message.actual_cost_usd, message.actual_tokens
         keys, args = self._reconcile_call(held, cost, tokens, now)
         return "reconcile", keys, args, (held, cost, tokens)
+
+    def _forget_stale(self, now: float) -> int:
+        """Drop in-flight entries whose reconcile never came (it timed out on a full mailbox):
+        ``STALE_HOLD_TTLS`` reservation TTLs after admission, long after Redis released the
+        hold, so the maps stay bounded. Returns how many were dropped."""
+        horizon = now - STALE_HOLD_TTLS * self.settings.reservation_ttl_s
+        held = [rid for rid, h in self._held.items() if h.second < horizon]
+        local = [rid for rid, (_s, at) in self._local.items() if at < horizon]
+        for rid in held:
+            del self._held[rid]
+        for rid in local:
+            del self._local[rid]
+        dropped = len(held) + len(local)
+        if dropped:
+            self._forgotten += dropped
+            log.warning("forgot %d in-flight budget holds whose reconcile never came", dropped)
+        return dropped
 
     def _spend_only(self, scopes: RequestScopes, now: float) -> _Held:
         _rate_keys, budget_keys = self._keys(scopes, now)
@@ -447,6 +474,7 @@ class SharedBudgetTracker(BudgetTracker):
             "backend": "redis",
             "on_unavailable": "fail_open" if self.fail_open else "fail_closed",
             "shared_reservations": len(self._held),
+            "forgotten_holds": self._forgotten,
             "shared_refused": self._shared_refused,
             "degraded_calls": self._degraded_calls,
             "unavailable_refusals": self._unavailable_refusals,

@@ -153,10 +153,8 @@ class SharedFeedbackStore(FeedbackStore):
             return result
         status, deployment_id, model = reply[0], reply[1], reply[2]
         self._shared_feedback_counts[status] = self._shared_feedback_counts.get(status, 0) + 1
-        served = self._served.get(message.request_id)
+        self._served.mark_done(message.request_id)
         if status == "applied":
-            if served is not None:
-                served.feedback_done = True
             # fold it into this process's view now; the next refresh brings the shared one
             now = self.clock()
             s = self.settings
@@ -164,8 +162,6 @@ class SharedFeedbackStore(FeedbackStore):
             self._replace(deployment_id, apply_feedback(current, value, s.alpha, now))
             self._feedback_counts["applied"] += 1
         else:
-            if served is not None:
-                served.feedback_done = True
             self._feedback_counts["duplicate"] += 1
         return FeedbackResult(status, message.request_id, deployment_id, model or None,
                               message.outcome, message.score)

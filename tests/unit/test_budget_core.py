@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import uuid
 
 import pytest
 
-from sbactor.budget.book import BudgetBook, Refused, Reserved
+from sbactor.budget.book import _RECENT_RECONCILED, BudgetBook, Refused, Reserved
 from sbactor.budget.config import (
     BudgetConfig,
     BudgetSettings,
@@ -153,6 +154,21 @@ def test_reconcile_swaps_reservation_for_actual_and_is_idempotent() -> None:
     assert not book.reconcile("unknown", 5.0, 5, T0)  # unknown id: no-op
     assert book.fraction(ALICE, T0 + 2) == pytest.approx(0.2)
     assert book.statistics().reservations == 0
+
+
+def test_reconciled_ids_are_remembered_in_a_bounded_window() -> None:
+    book = BudgetBook([BudgetConfig(scope="global", max_cost_usd=1e9)])
+    size = book._recent.nbytes()
+    ids = [uuid.uuid4().hex for _ in range(_RECENT_RECONCILED + 5)]
+    for rid in ids:
+        book.reserve(rid, ALICE, 0.01, 1, T0)
+        assert book.reconcile(rid, 0.01, 1, T0)
+    assert len(book._recent) == _RECENT_RECONCILED and book._recent.nbytes() == size
+    # inside the window a re-sent reconcile (even with scopes) is ignored ...
+    assert not book.reconcile(ids[5], 0.01, 1, T0, scopes=ALICE)
+    assert not book.reconcile(ids[-1], 0.01, 1, T0, scopes=ALICE)
+    # ... the oldest ids have left it: with scopes, such a reconcile records spend again
+    assert book.reconcile(ids[0], 0.01, 1, T0, scopes=ALICE)
 
 
 def test_failure_and_cancel_release_with_zero_cost() -> None:

@@ -254,3 +254,24 @@ async def test_corrupt_snapshot_starts_empty(
     )
     async with running(tracker):
         assert (await tracker.preflight(req("a", 0.5))).ok
+
+
+def test_shared_tracker_forgets_holds_whose_reconcile_never_came() -> None:
+    from sbactor.state.budget import STALE_HOLD_TTLS, SharedBudgetTracker, _Held
+
+    now = [T0]
+    tracker = SharedBudgetTracker(
+        name="budget", budgets=[BudgetConfig(scope="global", max_cost_usd=10.0)],
+        settings=BudgetSettings(reservation_ttl_s=60), clock=lambda: now[0],
+    )
+    horizon = STALE_HOLD_TTLS * 60
+
+    def held(at: float) -> _Held:
+        return _Held("m", (), (), (), 1, int(at), ALICE)
+
+    tracker._held.update({"old": held(T0), "new": held(T0 + 100)})
+    tracker._local.update({"old-local": (ALICE, T0), "new-local": (ALICE, T0 + 100)})
+    assert tracker._forget_stale(T0 + horizon) == 0  # not older than the horizon yet
+    assert tracker._forget_stale(T0 + horizon + 1) == 2
+    assert set(tracker._held) == {"new"} and set(tracker._local) == {"new-local"}
+    assert tracker.state_summary()["forgotten_holds"] == 2

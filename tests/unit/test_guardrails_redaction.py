@@ -27,7 +27,7 @@ from sbactor.guardrails import (
 from sbactor.guardrails.fusion import EMPTY, GuardrailResult
 from sbactor.guardrails.mesh import evaluate
 from sbactor.guardrails.redaction import apply_spans, merge_spans
-from sbactor.guardrails.verdict import Span
+from sbactor.guardrails.verdict import Span, Verdict
 
 G = CompiledGuardrails.from_config(
     GuardrailsConfig(
@@ -196,6 +196,56 @@ async def test_cache_actor_messages() -> None:
         stats = cache.statistics()
         assert stats.processed == 5 and stats.state["hits"] == 1 and stats.state["misses"] == 2
         cache.close()
+
+
+def scored(score: float, elapsed_ms: float = 0.0) -> GuardrailResult:
+    verdict = Verdict("prompt_injection", "prompt_injection", False, score)
+    return GuardrailResult(action="pass", flagged_count=0, labels=(), verdicts=(verdict,),
+                           elapsed_ms=elapsed_ms)
+
+
+def test_cache_keys_are_compact_and_exact() -> None:
+    cache = VerdictCache(name="verdicts", max_entries=10)
+    key = cache_key(["hello"], "fp")
+    cache.put(key, result("block"))
+    assert list(cache._entries) == [bytes.fromhex(key)]  # 32 bytes, not 64 characters
+    hit = cache.get(key)
+    assert hit is not None and hit.action == "block"
+    assert cache.get(key.upper()) is None  # another string: never the same entry
+    cache.put(key.upper(), result("redact"))
+    hit = cache.get(key)
+    assert hit is not None and hit.action == "block"
+
+
+def test_equal_results_are_stored_once_and_released() -> None:
+    cache = VerdictCache(name="verdicts", max_entries=3)
+    for i in range(3):  # same verdict, different per-lookup timing
+        cache.put(f"k{i}", scored(0.25, elapsed_ms=1.0 + i))
+    stored = [cache.get(f"k{i}") for i in range(3)]
+    assert stored[0] is stored[1] is stored[2]
+    assert stored[0] == scored(0.25)  # cached / elapsed_ms describe a lookup: stored reset
+    assert len(cache._shared) == 1 and cache._shared[scored(0.25)].refs == 3
+    cache.put("k0", scored(0.5))  # overwrite: the old result loses a holder
+    assert cache._shared[scored(0.25)].refs == 2 and len(cache._shared) == 2
+    cache.put("k3", scored(0.5))  # evicts k1 (least recently used)
+    cache.put("k4", scored(0.5))  # evicts k2: no entry holds 0.25 any more
+    assert scored(0.25) not in cache._shared and cache._shared[scored(0.5)].refs == 3
+    assert cache.statistics().state["evictions"] == 2
+    cache.clear()
+    assert not cache._entries and not cache._shared
+
+
+def test_negative_zero_score_is_never_merged_with_zero() -> None:
+    cache = VerdictCache(name="verdicts", max_entries=4)
+    cache.put("plus", scored(0.0))
+    cache.put("minus", scored(-0.0))
+    minus = cache.get("minus")
+    assert minus is not None and str(minus.verdicts[0].score) == "-0.0"
+    plus = cache.get("plus")
+    assert plus is not None and str(plus.verdicts[0].score) == "0.0"
+    cache.put("plus", scored(0.0))
+    cache.put("minus", scored(-0.0))  # replacing an unshared entry leaves the shared count alone
+    assert cache._shared[scored(0.0)].refs == 1
 
 
 def test_cache_capacity_must_be_positive() -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,31 @@ async def test_dedup_bound_is_respected(tmp_path: Path) -> None:
     assert w.statistics().state["dedup_size"] == 2
     assert w.statistics().state["duplicates"] == 0  # "a" had been evicted: recorded again
     assert len(events(tmp_path)) == 4
+
+
+async def test_replay_rebuilds_the_window_of_the_newest_entries(tmp_path: Path) -> None:
+    ids = [uuid.uuid4().hex for _ in range(4)]  # the gateway's own keys: held losslessly
+    await fill(tmp_path, ids, dedup_capacity=3)
+    w = await fill(tmp_path, [ids[3], ids[1], ids[0], ids[0]], dedup_capacity=3)
+    state = w.statistics().state
+    # ids[1..3] are the newest three entries: duplicates; ids[0] had left the window, so it is
+    # recorded once more, and then it is a duplicate itself
+    assert state["duplicates"] == 3 and state["entries"] == 5 and state["dedup_size"] == 3
+    assert [e["event"]["request_id"] for e in events(tmp_path)] == [*ids, ids[0]]
+
+
+async def test_dedup_is_exact_within_a_batch_and_bounded(tmp_path: Path) -> None:
+    w = writer(tmp_path, dedup_capacity=100, batch_size=64, mailbox=256)
+    keys = [uuid.uuid4().hex for _ in range(150)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(w.run)
+        for key in [*keys, *keys[-100:], "fb:x:1", "fb:x:1"]:  # re-sent: the newest 100
+            await w.record({"request_id": "same-x-request-id", "dedup_key": key})
+        await w.stop()
+    state = w.statistics().state
+    assert state["entries"] == 151 and state["duplicates"] == 101
+    assert state["dedup_size"] == 100
+    assert w._dedup is not None and w._dedup.nbytes() < 100 * 40
 
 
 async def test_feedback_events_dedup_by_dedup_key(tmp_path: Path) -> None:

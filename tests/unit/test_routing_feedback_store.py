@@ -84,6 +84,54 @@ async def test_request_map_is_bounded(store: FeedbackStore) -> None:
     assert (await store.feedback("r59", "success")).status == "applied"
 
 
+async def test_request_map_evicts_oldest_first_and_reinsert_is_newest(
+    store: FeedbackStore,
+) -> None:
+    for i in range(50):
+        await store.record_outcome(ok(f"r{i}"))
+    await store.record_outcome(ok("r0"))  # served again: the newest entry now
+    await store.record_outcome(ok("r50"))  # full: the oldest (r1) goes
+    await settle()
+    assert store.statistics().state["tracked_requests"] == 50
+    assert (await store.feedback("r1", "success")).status == "unknown"
+    for rid in ("r0", "r2", "r49", "r50"):
+        assert (await store.feedback(rid, "success")).status == "applied"
+
+
+async def test_feedback_checks_the_owner_and_rejects_duplicates(store: FeedbackStore) -> None:
+    await store.record_outcome(Outcome("r1", GOOD.deployment_id, "m", success=True, owner="k1"))
+    await store.record_outcome(Outcome("r2", BAD.deployment_id, "m2", success=True, owner="k2"))
+    await settle()
+    assert (await store.feedback("r1", "success", owner="k2")).status == "unknown"
+    assert (await store.feedback("r1", "success")).status == "unknown"  # no key: not the owner
+    res = await store.feedback("r1", "failure", owner="k1")
+    assert (res.status, res.deployment_id, res.model) == ("applied", GOOD.deployment_id, "m")
+    assert (await store.feedback("r1", "success", owner="k1")).status == "duplicate"
+    res = await store.feedback("r2", "success", owner="k2")  # the other entry is untouched
+    assert (res.status, res.deployment_id, res.model) == ("applied", BAD.deployment_id, "m2")
+    # a request id served again (a client reusing x-request-id) is a new request: new feedback
+    await store.record_outcome(Outcome("r1", BAD.deployment_id, "m", success=True, owner="k1"))
+    await settle()
+    res = await store.feedback("r1", "success", owner="k1")
+    assert (res.status, res.deployment_id) == ("applied", BAD.deployment_id)
+
+
+async def test_request_map_memory_is_fixed(store: FeedbackStore) -> None:
+    served = store._served
+    before = served._ring.nbytes()
+    for i in range(200):  # every request by another key: distinct (deployment, model, owner)
+        await store.record_outcome(Outcome(f"r{i}", GOOD.deployment_id, "m", success=True,
+                                           owner=f"key{i}"))
+    await settle()
+    assert len(served) == 50 and served.labels() == 50  # only the live entries' triples kept
+    assert (await store.feedback("r199", "success", owner="key199")).status == "applied"
+    for i in range(50):
+        await store.record_outcome(ok(f"s{i}"))
+    await settle()
+    assert served.labels() == 1 and served._ring.nbytes() == before
+    assert len(served._labels) <= 51  # numbers of dropped triples are reused
+
+
 async def test_blocked_requests_never_touch_provider_stats(store: FeedbackStore) -> None:
     # a guardrail/policy/budget block is never turned into an Outcome: the provider's stats stay
     # empty and feedback on that request id is unknown (→ 404)
