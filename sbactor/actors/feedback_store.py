@@ -286,7 +286,8 @@ class FeedbackStore(Actor):
         current = decay(self._stats.get(o.deployment_id, EMPTY_STATS), now, s.decay_s)
         self._replace(o.deployment_id, update_stats(current, o, s.alpha, now))
         self._outcomes += 1
-        self._served.put(o.request_id, o.deployment_id, o.model, o.owner)
+        if o.final:  # failed earlier attempts never take a slot of the feedback window
+            self._served.put(o.request_id, o.deployment_id, o.model, o.owner)
 
     def _apply(self, f: _Feedback) -> FeedbackResult:
         served = self._served.get(f.request_id)

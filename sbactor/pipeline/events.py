@@ -159,6 +159,7 @@ def _feed_routing(
                 model=attempt.model,
                 success=False,
                 refused=attempt.cls is FailureClass.CONTENT_POLICY,
+                final=False,
             )
         )
     if candidate is not None:

@@ -46,6 +46,9 @@ class Outcome:
     cost_usd: float = 0.0
     latency_s: float = 0.0
     owner: str = ""  # the virtual key that asked: only it may send feedback on this request
+    #: the attempt that answered the client; a failed earlier attempt only teaches the router
+    #: (``POST /v1/feedback`` names the request, i.e. its final attempt)
+    final: bool = True
 
 
 @attrs.frozen

@@ -98,7 +98,7 @@ class SharedFeedbackStore(FeedbackStore):
     async def handle(self, message: Any) -> Any:
         if isinstance(message, Outcome):
             self._record(message)
-            served = "#" not in message.request_id  # not a failed earlier attempt
+            served = message.final  # not a failed earlier attempt
             await self._push(message.deployment_id, "outcome", [
                 int(message.success), int(message.refused), repr(float(message.cost_usd)),
                 repr(float(message.latency_s)), 0,

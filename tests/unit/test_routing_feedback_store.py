@@ -84,6 +84,22 @@ async def test_request_map_is_bounded(store: FeedbackStore) -> None:
     assert (await store.feedback("r59", "success")).status == "applied"
 
 
+async def test_failed_earlier_attempts_teach_routing_but_take_no_feedback_slot(
+    store: FeedbackStore,
+) -> None:
+    for i in range(50):
+        await store.record_outcome(ok(f"r{i}"))
+    for i in range(30):  # retries of other requests: they count against BAD ...
+        failed = Outcome(f"x{i}#0", BAD.deployment_id, "m", success=False, final=False)
+        await store.record_outcome(failed)
+    await settle()
+    assert store.stats_snapshot()[BAD.deployment_id].samples == 30
+    # ... but the 50 served requests are all still open to feedback
+    assert store.statistics().state["tracked_requests"] == 50
+    assert (await store.feedback("r0", "success")).status == "applied"
+    assert (await store.feedback("x0#0", "success")).status == "unknown"
+
+
 async def test_request_map_evicts_oldest_first_and_reinsert_is_newest(
     store: FeedbackStore,
 ) -> None:
