@@ -45,3 +45,53 @@ async def test_a_lagging_gateway_sheds_new_requests_with_503(
     assert r.json()["error"]["code"] == "overloaded"
     assert r.headers["retry-after"] == "1"
     assert len(mock_upstream.received()) == 1  # refused before any upstream call
+
+
+async def test_overload_example_serves_and_refuses_past_the_connection_cap(
+    start_gateway: StartGateway, mock_upstream: MockUpstream
+) -> None:
+    import attrs
+    import openai
+    import yaml
+
+    from sbactor.config import parse_config
+    from tests.conftest import REPO
+
+    text = (REPO / "examples" / "overload-protection" / "sbactor.yaml").read_text()
+    config = parse_config(yaml.safe_load(text), env={"MOCK_UPSTREAM_URL": mock_upstream.openai_base})
+    assert (config.server.max_connections, config.server.max_in_flight) == (512, 128)
+    # the same config with a cap small enough to reach in a test
+    tight = attrs.evolve(config, server=attrs.evolve(config.server, max_connections=2))
+    gw = await start_gateway(tight)
+    host, port = gw.address.rsplit(":", 1)
+    sdk = openai.AsyncOpenAI(base_url=f"http://{gw.address}/v1", api_key="none", max_retries=0)
+    reply = await sdk.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert reply.choices[0].message.content
+    await sdk.close()
+    await gw.client.aclose()  # its keep-alive connection would hold a slot
+
+    request = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+    with trio.fail_after(10):
+        held = [await trio.open_tcp_stream(host, int(port)) for _ in range(2)]
+        for stream in held:  # both are served: the cap counts them
+            await stream.send_all(request)
+            assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200")
+        third = await trio.open_tcp_stream(host, int(port))
+        await third.send_all(request)
+        answer = b""
+        while chunk := await third.receive_some(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503")
+        assert b"retry-after: 1" in answer and b'"code":"overloaded"' in answer
+        await held[0].aclose()
+        while True:  # once the server has seen that close, the slot is free again
+            again = await trio.open_tcp_stream(host, int(port))
+            await again.send_all(request)
+            if (await again.receive_some(65536)).startswith(b"HTTP/1.1 200"):
+                break
+            await again.aclose()
+            await trio.sleep(0.01)
+        for stream in [*held[1:], third, again]:
+            await stream.aclose()
