@@ -26,6 +26,7 @@ from sbactor.config import Config, JsonlSinkConfig, ModelConfig
 from sbactor.errors import GatewayError
 from sbactor.guardrails.compiled import CompiledGuardrails
 from sbactor.guardrails.config import GuardrailsConfig, PiiConfig, SecretsConfig
+from sbactor.http_server import HttpServer, ServerStatistics
 from sbactor.ledger.config import LedgerSinkConfig
 from sbactor.metrics import Metrics
 from sbactor.overload import LoopLag
@@ -105,6 +106,7 @@ class Gateway:
     loop_lag: LoopLag = attrs.field(factory=LoopLag)
     started_at: float = attrs.field(factory=time.time)
     state: StateClient | None = None  # state.backend redis: the shared Redis
+    http_server: HttpServer | None = None  # set by run_gateway: its statistics go to /metrics
 
     @classmethod
     def build(
@@ -225,6 +227,7 @@ class Gateway:
             state=state,
         )
         metrics.watch_actors(actors.statistics)
+        metrics.watch_server(gateway.server_statistics)
         return gateway
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -327,6 +330,9 @@ class Gateway:
             return None
 
     # ---- views -------------------------------------------------------------------------------
+
+    def server_statistics(self) -> ServerStatistics | None:
+        return self.http_server.statistics() if self.http_server is not None else None
 
     def actor_statistics(self) -> list[dict[str, Any]]:
         return [attrs.asdict(s) for s in self.actors.statistics()]

@@ -6,10 +6,11 @@ from collections.abc import Callable, Iterable
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sbactor.actors.runtime import ActorStatistics
+from sbactor.http_server import ServerStatistics
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -53,6 +54,31 @@ class _ActorCollector(Collector):
         yield from (depth, peak, cap, blocked, processed, errors, cache)
 
 
+class _ServerCollector(Collector):
+    """Reads the HTTP server's statistics at scrape time; nothing before the server exists."""
+
+    def __init__(self, source: Callable[[], ServerStatistics | None]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self._source()
+        if stats is None:
+            return
+        yield GaugeMetricFamily(
+            "sbactor_http_connections", "Open client connections", value=stats.connections
+        )
+        yield CounterMetricFamily(
+            "sbactor_http_refused_connections",
+            "Connections refused with 503 at server.max_connections",
+            value=stats.refused_connections,
+        )
+        yield CounterMetricFamily(
+            "sbactor_http_requests",
+            "Requests the HTTP server passed to the application",
+            value=stats.requests,
+        )
+
+
 @attrs.define(eq=False)
 class Metrics:
     registry: CollectorRegistry = attrs.field(factory=CollectorRegistry)
@@ -93,6 +119,9 @@ class Metrics:
 
     def watch_actors(self, source: Callable[[], Iterable[ActorStatistics]]) -> None:
         self.registry.register(_ActorCollector(source))
+
+    def watch_server(self, source: Callable[[], ServerStatistics | None]) -> None:
+        self.registry.register(_ServerCollector(source))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

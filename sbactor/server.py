@@ -78,6 +78,7 @@ async def run_gateway(
     sock = open_socket(bind, config)
     gateway = Gateway.build(config, data_dir, ledger_recover=ledger_recover)
     server = http_server(config, Edge(gateway, create_app(gateway)))  # type: ignore[arg-type]
+    gateway.http_server = server
     shutdown = shutdown if shutdown is not None else trio.Event()
     http_done = trio.Event()
 

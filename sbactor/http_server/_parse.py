@@ -2,7 +2,8 @@
 
 ``httptools`` (llhttp, the parser uvicorn uses) does the protocol work; this module adds what a
 gateway needs around it: size limits that answer with the right status instead of buffering
-without bound, pipelined requests queued in order, and ``Expect: 100-continue``. Bodies are
+without bound, pipelined requests queued in order, the ``Host`` rule of RFC 9112 §3.2, and
+``Expect`` (``100-continue`` honoured from HTTP/1.1 clients, anything else 417). Bodies are
 collected whole (they are bounded by ``max_body_bytes``), so the application sees one request
 message, as every inference route needs the whole JSON anyway.
 """
@@ -26,11 +27,21 @@ Headers = list[tuple[bytes, bytes]]
 class ProtocolViolation(Exception):
     """The client broke HTTP or a limit; answer ``status`` and close the connection."""
 
-    def __init__(self, status: int, message: str, request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        request_id: str | None = None,
+        *,
+        method: str | None = None,
+        target: bytes | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.request_id = request_id  # the client's x-request-id, when headers were read
+        self.method = method  # the request line, once it was read whole (for the access log)
+        self.target = target
 
 
 @attrs.define(eq=False, slots=True)
@@ -54,8 +65,10 @@ def request_id_of(headers: Headers) -> str | None:
 class RequestReader:
     """Feed bytes with ``feed``; take finished requests with ``next_request``.
 
-    Raises ``ProtocolViolation`` for malformed input (400), a header block over
-    ``max_header_bytes`` (431), a body over ``max_body_bytes`` (413) and upgrade requests (501).
+    Raises ``ProtocolViolation`` for malformed input (400), an HTTP/1.1 request without a
+    ``Host`` or any request with two (400), a header block over ``max_header_bytes`` (431), a
+    body over ``max_body_bytes`` (413), an expectation other than ``100-continue`` (417) and
+    upgrade requests (501).
     """
 
     def __init__(self, *, max_header_bytes: int, max_body_bytes: int) -> None:
@@ -73,6 +86,9 @@ class RequestReader:
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._request_id: str | None = None
+        # known once the request line is whole: httptools tells at the first header (or the
+        # end of the head), so a request cut off inside its first header line has none yet
+        self.method: str | None = None
         self._headers_done = False
         self._began_in_feed = False  # this message's first byte is in the current feed
         self._head_bytes_fed = 0  # later feeds that ended with the head still incomplete
@@ -87,16 +103,18 @@ class RequestReader:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # llhttp completes the upgrade request before it stops: it must not be served
-            headers = self._ready.pop().headers if self._ready else []
+            upgrade = self._ready.pop() if self._ready else None
             raise ProtocolViolation(
-                501, "protocol upgrades are not supported", request_id_of(headers)
+                501,
+                "protocol upgrades are not supported",
+                request_id_of(upgrade.headers) if upgrade else None,
+                method=upgrade.method if upgrade else None,
+                target=upgrade.target if upgrade else None,
             ) from None
         except httptools.HttpParserError as exc:
             if self._violation is not None:
                 raise self._violation from None
-            raise ProtocolViolation(
-                400, f"malformed HTTP request: {exc}", self._request_id
-            ) from None
+            raise self.make_violation(400, f"malformed HTTP request: {exc}") from None
         if self.in_progress and not self._headers_done and not self._began_in_feed:
             # httptools buffers a header's name and value until the header ends, so a single
             # endless header would never reach on_header: bound the unfinished head here.
@@ -111,6 +129,17 @@ class RequestReader:
     def has_request(self) -> bool:
         return bool(self._ready)
 
+    @property
+    def target(self) -> bytes | None:
+        """The request target of the request in progress, once its request line is whole."""
+        return self._target if self.method is not None else None
+
+    def make_violation(self, status: int, message: str) -> ProtocolViolation:
+        """A violation about the request in progress, with what is known of it so far."""
+        return ProtocolViolation(
+            status, message, self._request_id, method=self.method, target=self.target
+        )
+
     # -- httptools callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
@@ -123,6 +152,7 @@ class RequestReader:
         self._count_header_bytes(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._request_line_read()
         self._count_header_bytes(len(name) + len(value) + 4)
         if self._headers_done:
             return  # a chunked body's trailer: never merged into the request's headers
@@ -132,13 +162,29 @@ class RequestReader:
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._request_line_read()
         self._headers_done = True
+        http11 = self._parser.get_http_version() == "1.1"
+        hosts = 0
         for name, value in self._headers:
-            if name == b"content-length" and value.isdigit():
+            if name == b"host":
+                hosts += 1
+            elif name == b"content-length" and value.isdigit():
                 if int(value) > self.max_body_bytes:
                     self._fail(413, self._too_large())
-            elif name == b"expect" and value.lower() == b"100-continue":
+            elif name == b"expect":
+                self._expect(value.strip().lower(), http11)
+        if hosts > 1:
+            self._fail(400, "a request must not carry more than one host header")
+        if hosts == 0 and http11:
+            self._fail(400, "an HTTP/1.1 request must carry a host header")
+
+    def _expect(self, expectation: bytes, http11: bool) -> None:
+        if expectation == b"100-continue":
+            if http11:  # RFC 9110 §10.1.1: an HTTP/1.0 client's 100-continue MUST be ignored
                 self.expects_continue = True
+        elif expectation:  # an empty Expect asks for nothing
+            self._fail(417, "the only expectation supported is 'Expect: 100-continue'")
 
     def on_body(self, body: bytes) -> None:
         self.expects_continue = False
@@ -161,6 +207,10 @@ class RequestReader:
         )
         self._reset()
 
+    def _request_line_read(self) -> None:
+        if self.method is None:
+            self.method = self._parser.get_method().decode("ascii")
+
     # -- limits ---------------------------------------------------------------------------
 
     def _count_header_bytes(self, n: int) -> None:
@@ -176,7 +226,7 @@ class RequestReader:
 
     def _fail(self, status: int, message: str) -> None:
         # raising inside a callback makes httptools stop and raise HttpParserCallbackError
-        self._violation = ProtocolViolation(status, message, self._request_id)
+        self._violation = self.make_violation(status, message)
         raise self._violation
 
 
@@ -184,6 +234,11 @@ class RequestReader:
 
 _REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def has_no_body(status: int) -> bool:
+    """1xx, 204 and 304 responses end with their head (RFC 9110 §6.4.1, RFC 9112 §6.3)."""
+    return status < 200 or status == 204 or status == 304
 
 
 class _DateCache:
@@ -214,6 +269,9 @@ def response_head(
 ) -> bytes:
     """Status line and headers. ``content_length`` None means a chunked body follows.
 
+    A status that has no body (``has_no_body``) gets no framing at all: ``content_length`` is
+    ignored and the application's own ``content-length`` and ``transfer-encoding`` are dropped.
+
     ``http10``: the client speaks HTTP/1.0, which has no chunked coding (a body of unknown
     length then ends when the connection closes, so pass ``close``) and closes after the
     response unless told ``connection: keep-alive``.
@@ -222,17 +280,18 @@ def response_head(
     (an upstream's header, say) forge a response, so they are refused here, in one place.
     """
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
+    bodiless = has_no_body(status)
     has_length = False
     for name, value in headers:
         if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name:
             raise ValueError(f"header {name!r} contains CR or LF")
         lower = name.lower()
-        if lower == b"content-length":
+        if lower == b"content-length" and not bodiless:
             has_length = True
-        elif lower in (b"connection", b"transfer-encoding", b"date"):
+        elif lower in (b"connection", b"transfer-encoding", b"date", b"content-length"):
             continue  # framing is the server's business
         parts.append(b"%s: %s\r\n" % (name, value))
-    if not has_length:
+    if not has_length and not bodiless:
         if content_length is not None:
             parts.append(b"content-length: %d\r\n" % content_length)
         elif not http10:
@@ -256,6 +315,7 @@ _ERROR_CODES = {
     400: "invalid_request",
     408: "request_timeout",
     413: "request_too_large",
+    417: "expectation_failed",
     431: "headers_too_large",
     500: "internal_error",
     501: "not_implemented",

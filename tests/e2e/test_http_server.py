@@ -17,10 +17,11 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from sbactor.http_server import HttpServer, ServerLimits
+from sbactor.http_server._exchange import Message, Scope
 from sbactor.http_server._parse import Headers
-from sbactor.http_server._server import Message, Scope
 from tests.conftest import MockUpstream, StartGateway, mock_config
 
 # -- the application ----------------------------------------------------------------------------
@@ -69,6 +70,28 @@ class App:
             return
         elif path == "/start-only":
             await start()
+        elif path == "/no-content":
+            await start(204)
+            await part(b"ignored")  # a 204 has no body, whatever the application sends
+        elif path == "/no-content-stream":
+            await start(204)
+            await part(b"ignored", more=True)
+            await part(b"")
+        elif path == "/no-content-start-only":
+            await start(204)
+        elif path == "/not-modified":
+            await start(304, [(b"etag", b'"v1"'), (b"content-length", b"10")])
+            await part(b"")
+        elif path == "/early-hints":
+            await start(103, [(b"link", b"</s.css>; rel=preload")])  # not forwarded
+            await start()
+            await part(b"final")
+        elif path == "/informational-only":
+            await start(100)
+            await part(b"x")
+        elif path == "/bad-status":
+            await start(42)
+            await part(b"x")
         elif path == "/slow":
             self.entered.set()
             await self.release.wait()
@@ -397,6 +420,60 @@ async def test_head_gets_no_body_and_the_connection_stays_in_sync(
         assert client.buffer == b""
 
 
+@pytest.mark.parametrize(
+    "path", ["/no-content", "/no-content-stream", "/no-content-start-only", "/not-modified"]
+)
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+async def test_204_and_304_end_with_their_head(
+    nursery: trio.Nursery, path: str, version: str
+) -> None:
+    """RFC 9110 §6.4.1 and RFC 9112 §6.3: no body, no content-length, no chunked coding (not
+    even the last chunk) — so the connection stays in sync and can serve the next request."""
+    served = await serve(nursery, App())
+    with trio.fail_after(5):
+        client = await served.connect()
+        await client.send(get(path, "connection: keep-alive", version=version))
+        response = await client.read_response()  # the head only: the reader expects no body
+        assert response.status == (304 if path == "/not-modified" else 204)
+        assert response.get("content-length") is None
+        assert response.get("transfer-encoding") is None
+        assert response.get("connection") == (None if version == "1.1" else "keep-alive")
+        if path == "/not-modified":
+            assert response.get("etag") == '"v1"'
+        await client.send(get("/echo?next", "connection: keep-alive", version=version))
+        following = await client.read_response()
+        assert (following.status, following.body) == (200, b"GET /echo?next ")
+        assert client.buffer == b""
+
+
+async def test_an_informational_start_before_the_final_one_is_not_forwarded(
+    nursery: trio.Nursery,
+) -> None:
+    served = await serve(nursery, App())
+    with trio.fail_after(5):
+        client = await served.connect()
+        await client.send(get("/early-hints"))
+        response = await client.read_response()
+        assert (response.status, response.body) == (200, b"final")
+        assert response.get("link") is None
+        await client.send(get("/echo"))
+        assert (await client.read_response()).status == 200
+
+
+@pytest.mark.parametrize("path", ["/informational-only", "/bad-status"])
+async def test_an_informational_or_invalid_status_as_the_response_is_500(
+    nursery: trio.Nursery, path: str
+) -> None:
+    served = await serve(nursery, App())
+    with trio.fail_after(5):
+        client = await served.connect()
+        await client.send(get(path, "x-request-id: st-1"))
+        response = await client.read_response()
+        assert (response.status, response.get("x-request-id")) == (500, "st-1")
+        assert response.json()["error"]["code"] == "internal_error"
+        assert await client.closed()
+
+
 async def test_http10_streaming_is_not_chunked_and_ends_with_the_close(
     nursery: trio.Nursery,
 ) -> None:
@@ -566,6 +643,42 @@ async def test_a_connection_reset_before_accept_does_not_stop_the_server(
         assert not served.returned.is_set()
 
 
+# -- Host (RFC 9112 §3.2) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /echo HTTP/1.1\r\nx-request-id: host-1\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nhost: a\r\nx-request-id: host-1\r\nhost: b\r\n\r\n",
+        b"GET /echo HTTP/1.0\r\nhost: a\r\nx-request-id: host-1\r\nhost: a\r\n\r\n",
+    ],
+    ids=["missing", "two", "two-http10"],
+)
+async def test_missing_or_repeated_host_is_400(nursery: trio.Nursery, head: bytes) -> None:
+    app = App()
+    served = await serve(nursery, app)
+    with trio.fail_after(5):
+        client = await served.connect()
+        await client.send(get("/echo?first") + head)  # the good request before it is served
+        first, refused = await client.read_response(), await client.read_response()
+        assert (first.status, first.body) == (200, b"GET /echo?first ")
+        assert (refused.status, refused.get("x-request-id")) == (400, "host-1")
+        assert refused.get("connection") == "close"
+        error = refused.json()["error"]
+        assert error["code"] == "invalid_request" and "host" in error["message"]
+        assert await client.closed()
+        assert app.calls == ["GET /echo"]
+
+
+async def test_http10_without_host_is_served(nursery: trio.Nursery) -> None:
+    served = await serve(nursery, App())
+    with trio.fail_after(5):
+        client = await served.connect()
+        await client.send(b"GET /echo HTTP/1.0\r\n\r\n")
+        assert (await client.read_response()).body == b"GET /echo? "
+
+
 # -- Expect: 100-continue -----------------------------------------------------------------------
 
 
@@ -611,6 +724,33 @@ async def test_expect_continue_with_an_oversize_body_is_413_not_100(
                               method="POST"))
         assert (await client.read_response()).status == 413
         assert await client.closed()
+
+
+async def test_expect_continue_from_http10_gets_no_100(nursery: trio.Nursery) -> None:
+    served = await serve(nursery, App())
+    with trio.fail_after(5):
+        client = await served.connect()
+        await client.send(get("/echo", "content-length: 5", "expect: 100-continue",
+                              method="POST", version="1.0"))
+        await trio.testing.wait_all_tasks_blocked()  # the server has read the head alone
+        await client.send(b"hello")
+        response = await client.read_response()  # not a 100 Continue first
+        assert (response.status, response.body) == (200, b"POST /echo? hello")
+        assert await client.closed()
+
+
+async def test_unknown_expectation_is_417(nursery: trio.Nursery) -> None:
+    app = App()
+    served = await serve(nursery, app)
+    with trio.fail_after(5):
+        client = await served.connect()
+        await client.send(get("/echo", "content-length: 5", "expect: something-else",
+                              "x-request-id: exp-1", method="POST"))
+        response = await client.read_response()
+        assert (response.status, response.get("x-request-id")) == (417, "exp-1")
+        assert response.json()["error"]["code"] == "expectation_failed"
+        assert await client.closed()
+        assert app.calls == []
 
 
 # -- disconnects and shutdown -------------------------------------------------------------------
@@ -717,6 +857,66 @@ async def test_access_log_records_the_status_the_client_got(
     assert all(r.getMessage().startswith(f"{r.method} ") for r in records)  # type: ignore[attr-defined]
 
 
+NO_HOST = b"GET /nohost HTTP/1.1\r\n\r\n"
+EXPECT_ODD = get("/echo", "content-length: 5", "expect: something-else", method="POST")
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "method", "path"),
+    [
+        (b"\x01\x02 not http\r\n\r\n", 400, "-", "-"),
+        (NO_HOST, 400, "GET", "/nohost"),
+        (get("/echo", "content-length: 5000", method="POST"), 413, "POST", "/echo"),
+        (EXPECT_ODD, 417, "POST", "/echo"),
+        (get("/echo", "x-big: " + "v" * 2000), 431, "GET", "/echo"),
+        (get("/ws", "connection: upgrade", "upgrade: websocket"), 501, "GET", "/ws"),
+        (b"GET /slow-client HTTP/1.1\r\nhost: test\r\nx-more: ", 408, "GET", "/slow-client"),
+    ],
+    ids=["400", "400-host", "413", "417", "431", "501", "408"],
+)
+async def test_access_log_records_server_made_errors(
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+    raw: bytes,
+    status: int,
+    method: str,
+    path: str,
+) -> None:
+    caplog.set_level(logging.INFO, logger="sbactor.access")
+    app = App()
+    served = await serve(nursery, app, access_log=True, max_body_bytes=100,
+                         max_header_bytes=1024, request_read_s=0.1)
+    with trio.fail_after(5):
+        client = await served.connect()
+        await client.send(raw)
+        response = await client.read_response()
+        assert response.status == status
+        [record] = await wait_for_records(caplog, 1)
+    assert app.calls == []
+    assert (record.method, record.path, record.status) == (method, path, status)  # type: ignore[attr-defined]
+    assert record.bytes > 0 and record.duration_ms >= 0  # type: ignore[attr-defined]
+    assert record.client == "127.0.0.1"  # type: ignore[attr-defined]
+    assert record.getMessage() == f"{method} {path} {status}"
+
+
+async def test_access_log_records_the_connection_cap_refusal(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sbactor.access")
+    served = await serve(nursery, App(), access_log=True, max_connections=1)
+    with trio.fail_after(5):
+        held = await served.connect()
+        await held.send(get("/echo"))
+        assert (await held.read_response()).status == 200
+        refused = await served.connect()
+        await refused.send(get("/echo?over"))
+        assert (await refused.read_response()).status == 503
+        records = await wait_for_records(caplog, 2)
+    got = [(r.method, r.path, r.status) for r in records]  # type: ignore[attr-defined]
+    assert got == [("GET", "/echo", 200), ("GET", "/echo?over", 503)]
+    assert records[1].bytes > 0  # type: ignore[attr-defined]
+
+
 async def test_gateway_access_log_one_record_per_request(
     start_gateway: StartGateway,
     mock_upstream: MockUpstream,
@@ -752,3 +952,58 @@ async def test_access_log_off_by_default(
         assert (await client.read_response()).status == 200
         await trio.sleep(0.02)
     assert access_records(caplog) == []
+
+
+# -- statistics on the gateway's /metrics -------------------------------------------------------
+
+
+def scraped(response: Response, name: str) -> float:
+    [value] = [
+        float(line.rsplit(" ", 1)[1])
+        for line in response.body.decode().splitlines()
+        if line.startswith(name + " ")
+    ]
+    return value
+
+
+async def test_gateway_metrics_show_connections_refusals_and_requests(
+    start_gateway: StartGateway, mock_upstream: MockUpstream
+) -> None:
+    config = mock_config(mock_upstream, server={"auth": "off", "max_connections": 2})
+    gw = await start_gateway(config)
+    port = int(gw.address.rsplit(":", 1)[1])
+
+    async def connect() -> Client:
+        return Client(await trio.open_tcp_stream("127.0.0.1", port))
+
+    with trio.fail_after(10):
+        scraper = await connect()
+        await scraper.send(get("/metrics"))
+        before = await scraper.read_response()
+        assert scraped(before, "sbactor_http_connections") == 1
+        other = await connect()
+        await other.send(get("/healthz"))
+        assert (await other.read_response()).status == 200
+        over = await connect()  # a third connection: over the cap
+        await over.send(get("/healthz"))
+        assert (await over.read_response()).status == 503
+
+        await scraper.send(get("/metrics"))
+        after = await scraper.read_response()
+        assert scraped(after, "sbactor_http_connections") == 2
+        assert (
+            scraped(after, "sbactor_http_refused_connections_total")
+            == scraped(before, "sbactor_http_refused_connections_total") + 1
+        )
+        assert (  # /healthz and this scrape; the refused request never reached the app
+            scraped(after, "sbactor_http_requests_total")
+            == scraped(before, "sbactor_http_requests_total") + 2
+        )
+        assert "# TYPE sbactor_http_requests_total counter" in after.body.decode()
+
+        await other.aclose()
+        while True:  # the gauge follows the close (no event tells when the server saw it)
+            await scraper.send(get("/metrics"))
+            if scraped(await scraper.read_response(), "sbactor_http_connections") == 1:
+                break
+            await trio.sleep(0.01)

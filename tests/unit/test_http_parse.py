@@ -127,18 +127,20 @@ def test_chunked_body_is_dechunked() -> None:
 
 def test_chunk_trailers_are_not_merged_into_the_headers() -> None:
     raw = (
-        b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nx-request-id: real\r\n\r\n"
+        b"POST / HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\nx-request-id: real\r\n\r\n"
         b"3\r\nabc\r\n0\r\nx-request-id: forged\r\nauthorization: Bearer forged\r\n\r\n"
     )
     for pieces in ([raw], byte_by_byte(raw)):
         [request] = read_all(pieces)
         assert request.body == b"abc"
-        assert request.headers == [(b"transfer-encoding", b"chunked"), (b"x-request-id", b"real")]
+        assert request.headers == [
+            (b"host", b"gw"), (b"transfer-encoding", b"chunked"), (b"x-request-id", b"real")
+        ]
 
 
 def test_chunked_body_at_the_limit_is_accepted() -> None:
     body = b"x" * MAX_BODY
-    raw = b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n" + b"".join(
+    raw = b"POST / HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\n" + b"".join(
         chunk(body[i : i + 10]) for i in range(0, MAX_BODY, 10)
     ) + LAST_CHUNK
     [request] = read_all([raw])
@@ -146,7 +148,9 @@ def test_chunked_body_at_the_limit_is_accepted() -> None:
 
 
 def test_chunked_body_growing_past_the_limit_is_413() -> None:
-    head = b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nx-request-id: big-1\r\n\r\n"
+    head = (
+        b"POST / HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\nx-request-id: big-1\r\n\r\n"
+    )
     r = reader()
     r.feed(head)
     for _ in range(MAX_BODY // 16):
@@ -163,7 +167,7 @@ def test_chunked_body_growing_past_the_limit_is_413() -> None:
 
 def test_header_block_over_the_limit_is_431() -> None:
     headers = b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 40) for i in range(40))
-    raw = b"GET / HTTP/1.1\r\n" + headers + b"\r\n"
+    raw = b"GET / HTTP/1.1\r\nhost: gw\r\n" + headers + b"\r\n"
     for pieces in ([raw], byte_by_byte(raw)):
         err = violation(pieces)
         assert err.status == 431
@@ -176,16 +180,17 @@ def test_long_target_is_431() -> None:
 
 def test_headers_just_under_the_limit_are_accepted() -> None:
     # the counted size: target, plus name + value + 4 per header
-    value = b"v" * (MAX_HEADER - len(b"/") - len(b"x-big") - 4)
-    [request] = read_all([b"GET / HTTP/1.1\r\nx-big: " + value + b"\r\n\r\n"])
-    assert request.headers == [(b"x-big", value)]
-    assert violation([b"GET / HTTP/1.1\r\nx-big: " + value + b"v\r\n\r\n"]).status == 431
+    value = b"v" * (MAX_HEADER - len(b"/") - len(b"host") - len(b"gw") - 4 - len(b"x-big") - 4)
+    head = b"GET / HTTP/1.1\r\nhost: gw\r\nx-big: "
+    [request] = read_all([head + value + b"\r\n\r\n"])
+    assert request.headers == [(b"host", b"gw"), (b"x-big", value)]
+    assert violation([head + value + b"v\r\n\r\n"]).status == 431
 
 
 def test_one_endless_header_value_is_cut_off_while_it_streams() -> None:
     """httptools buffers a header value until its line ends; the reader must not wait for it."""
     r = reader()
-    r.feed(b"GET / HTTP/1.1\r\nx-request-id: early\r\nx-endless: ")
+    r.feed(b"GET / HTTP/1.1\r\nhost: gw\r\nx-request-id: early\r\nx-endless: ")
     fed = 0
     with pytest.raises(ProtocolViolation) as info:
         while fed < 100 * MAX_HEADER:
@@ -199,11 +204,11 @@ def test_one_endless_header_value_is_cut_off_while_it_streams() -> None:
 def test_declared_content_length_over_the_limit_is_413_before_the_body() -> None:
     r = reader()
     with pytest.raises(ProtocolViolation) as info:
-        r.feed(b"POST / HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % (MAX_BODY + 1))
+        r.feed(b"POST / HTTP/1.1\r\nhost: gw\r\ncontent-length: %d\r\n\r\n" % (MAX_BODY + 1))
     assert info.value.status == 413
     assert not r.has_request
     # exactly the limit is fine
-    [request] = read_all([b"POST / HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % MAX_BODY
+    [request] = read_all([b"POST / HTTP/1.1\r\nhost: gw\r\ncontent-length: %d\r\n\r\n" % MAX_BODY
                           + b"b" * MAX_BODY])
     assert len(request.body) == MAX_BODY
 
@@ -213,18 +218,25 @@ def test_x_request_id_is_carried_on_a_413_whatever_the_header_order(before: bool
     headers = [b"content-length: 1000000\r\n", b"x-request-id: req-413\r\n"]
     if before:
         headers.reverse()
-    err = violation([b"POST / HTTP/1.1\r\n" + b"".join(headers) + b"\r\n"])
+    err = violation([b"POST / HTTP/1.1\r\nhost: gw\r\n" + b"".join(headers) + b"\r\n"])
     assert (err.status, err.request_id) == (413, "req-413")
 
 
 def test_x_request_id_is_carried_on_a_431_after_it_was_read() -> None:
-    raw = b"GET / HTTP/1.1\r\nx-request-id: req-431\r\nx-big: " + b"v" * MAX_HEADER + b"\r\n\r\n"
+    raw = (
+        b"GET / HTTP/1.1\r\nhost: gw\r\nx-request-id: req-431\r\nx-big: "
+        + b"v" * MAX_HEADER
+        + b"\r\n\r\n"
+    )
     err = violation([raw])
     assert (err.status, err.request_id) == (431, "req-431")
 
 
 def test_x_request_id_is_carried_on_a_malformed_body() -> None:
-    raw = b"POST / HTTP/1.1\r\nx-request-id: req-400\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"
+    raw = (
+        b"POST / HTTP/1.1\r\nhost: gw\r\nx-request-id: req-400\r\n"
+        b"transfer-encoding: chunked\r\n\r\nzz\r\n"
+    )
     err = violation([raw])
     assert (err.status, err.request_id) == (400, "req-400")
 
@@ -238,6 +250,60 @@ def test_no_request_id_before_headers_and_none_leaks_from_the_previous_request()
     assert [req.target for req in drain(r)] == [b"/v1/models?x=1&y=%20"]  # GET is still served
 
 
+# -- Host (RFC 9112 §3.2) -----------------------------------------------------------------------
+
+
+def test_http11_request_without_host_is_400() -> None:
+    raw = b"GET /v1/models HTTP/1.1\r\nx-request-id: nohost-1\r\n\r\n"
+    for pieces in ([raw], byte_by_byte(raw)):
+        err = violation(pieces)
+        assert (err.status, err.request_id) == (400, "nohost-1")
+        assert "host" in err.message
+        assert (err.method, err.target) == ("GET", b"/v1/models")
+
+
+def test_more_than_one_host_is_400_in_any_version() -> None:
+    for version in (b"1.1", b"1.0"):
+        err = violation([b"GET / HTTP/%s\r\nhost: a\r\nHost: b\r\n\r\n" % version])
+        assert err.status == 400 and "host" in err.message
+
+
+def test_http10_request_without_host_is_accepted() -> None:
+    [request] = read_all([b"GET / HTTP/1.0\r\n\r\n"])
+    assert request.http_version == "1.0" and request.headers == []
+
+
+def test_request_without_host_behind_a_good_one_does_not_lose_the_good_one() -> None:
+    r = reader()
+    with pytest.raises(ProtocolViolation) as info:
+        r.feed(GET + b"GET /second HTTP/1.1\r\n\r\n")
+    assert info.value.status == 400
+    assert [req.target for req in drain(r)] == [b"/v1/models?x=1&y=%20"]
+
+
+# -- what a violation knows about its request ---------------------------------------------------
+
+
+def test_violation_carries_the_request_line_once_it_was_read() -> None:
+    err = violation([b"POST /v1/embeddings HTTP/1.1\r\nhost: gw\r\ncontent-length: 999\r\n\r\n"])
+    assert (err.status, err.method, err.target) == (413, "POST", b"/v1/embeddings")
+    garbage = violation([b"\x01\x02 not http\r\n\r\n"])
+    assert (garbage.method, garbage.target) == (None, None)
+    long_target = violation([b"GET /" + b"a" * (MAX_HEADER + 1)])  # the line never finished
+    assert (long_target.status, long_target.method, long_target.target) == (431, None, None)
+
+
+def test_make_violation_describes_the_request_in_progress() -> None:
+    r = reader()
+    r.feed(b"GET /slow HTTP/1.1\r\nhost: gw\r\nx-request-id: slow-1\r\nx-more")
+    err = r.make_violation(408, "too slow")
+    assert (err.status, err.request_id, err.method, err.target) == (
+        408, "slow-1", "GET", b"/slow"
+    )
+    idle = reader()
+    assert idle.make_violation(408, "x").method is None
+
+
 # -- malformed input ----------------------------------------------------------------------------
 
 
@@ -246,21 +312,23 @@ def test_no_request_id_before_headers_and_none_leaks_from_the_previous_request()
     [
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello on the plain port
         b"HELLO\r\n\r\n",
-        b"GET / HTTP/1.1\r\nbad header: x\r\n\r\n",
-        b"GET / HTTP/1.1\r\nx-h: a\rb\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: gw\r\nbad header: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: gw\r\nx-h: a\rb\r\n\r\n",
         b"GET / HTTP/1.1\nhost: x\n\n",  # bare LF line endings
         b"GET / HTTP/1.1\r\nhost: x\r\n folded\r\n\r\n",  # obsolete line folding
         b"GET /\x7f HTTP/1.1\r\n\r\n",
         b"GET / HTTP/3.0\r\n\r\n",
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # HTTP/2 prior knowledge
         # request smuggling shapes
-        b"POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
-        b"POST / HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd",
-        b"POST / HTTP/1.1\r\ncontent-length: -1\r\n\r\n",
-        b"POST / HTTP/1.1\r\ncontent-length: 99999999999999999999999\r\n\r\n",
-        b"POST / HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\nabc",
-        b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n",
-        b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: gw\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: gw\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd",
+        b"POST / HTTP/1.1\r\nhost: gw\r\ncontent-length: -1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: gw\r\ncontent-length: 99999999999999999999999\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: gzip\r\n\r\nabc",
+        b"POST / HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n",
+        b"POST / HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"3\r\nabcdef\r\n0\r\n\r\n",
     ],
 )
 def test_garbage_is_400(raw: bytes) -> None:
@@ -273,8 +341,8 @@ def test_garbage_is_400(raw: bytes) -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        b"GET /ws HTTP/1.1\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n",
-        b"GET / HTTP/1.1\r\nconnection: upgrade, keep-alive\r\nupgrade: h2c\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nhost: gw\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: gw\r\nconnection: upgrade, keep-alive\r\nupgrade: h2c\r\n\r\n",
         b"CONNECT api.example.com:443 HTTP/1.1\r\nhost: api.example.com:443\r\n\r\n",
     ],
     ids=["websocket", "h2c", "connect"],
@@ -293,7 +361,7 @@ def test_upgrade_is_501_and_the_upgrade_request_is_not_queued(raw: bytes) -> Non
 
 def test_expect_continue_is_set_until_body_bytes_arrive() -> None:
     r = reader()
-    r.feed(b"POST / HTTP/1.1\r\ncontent-length: 4\r\nExpect: 100-Continue\r\n\r\n")
+    r.feed(b"POST / HTTP/1.1\r\nhost: gw\r\ncontent-length: 4\r\nExpect: 100-Continue\r\n\r\n")
     assert r.expects_continue and r.in_progress and not r.has_request
     r.feed(b"ab")
     assert not r.expects_continue
@@ -305,13 +373,16 @@ def test_expect_continue_is_set_until_body_bytes_arrive() -> None:
 
 def test_expect_continue_with_the_body_in_the_same_feed_is_not_set() -> None:
     r = reader()
-    r.feed(b"POST / HTTP/1.1\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\nok")
+    r.feed(b"POST / HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\nok")
     assert not r.expects_continue and r.has_request
 
 
 def test_expect_continue_with_a_chunked_body() -> None:
     r = reader()
-    r.feed(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nexpect: 100-continue\r\n\r\n")
+    r.feed(
+        b"POST / HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n"
+        b"expect: 100-continue\r\n\r\n"
+    )
     assert r.expects_continue
     r.feed(b"2\r\nhi\r\n0\r\n\r\n")
     assert not r.expects_continue
@@ -321,14 +392,38 @@ def test_expect_continue_with_a_chunked_body() -> None:
 def test_expect_continue_on_an_oversize_body_is_413_not_continue() -> None:
     r = reader()
     with pytest.raises(ProtocolViolation) as info:
-        r.feed(b"POST / HTTP/1.1\r\ncontent-length: 1000\r\nexpect: 100-continue\r\n\r\n")
+        r.feed(
+            b"POST / HTTP/1.1\r\nhost: gw\r\ncontent-length: 1000\r\n"
+            b"expect: 100-continue\r\n\r\n"
+        )
     assert info.value.status == 413
 
 
 def test_no_expect_no_continue() -> None:
     r = reader()
-    r.feed(b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n")
+    r.feed(b"POST / HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n")
     assert not r.expects_continue and r.in_progress
+
+
+def test_expect_continue_from_an_http10_client_is_ignored() -> None:
+    """RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request MUST be ignored."""
+    r = reader()
+    r.feed(b"POST / HTTP/1.0\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n")
+    assert not r.expects_continue and r.in_progress
+    r.feed(b"ok")
+    assert drain(r)[0].body == b"ok"
+
+
+@pytest.mark.parametrize("version", [b"1.1", b"1.0"])
+@pytest.mark.parametrize("value", [b"something-else", b"100-continue, x", b"200-ok"])
+def test_unknown_expectation_is_417(version: bytes, value: bytes) -> None:
+    raw = (
+        b"POST /up HTTP/%s\r\nhost: gw\r\nx-request-id: exp-1\r\ncontent-length: 2\r\n"
+        b"expect: %s\r\n\r\n" % (version, value)
+    )
+    for pieces in ([raw], byte_by_byte(raw)):
+        err = violation(pieces)
+        assert (err.status, err.request_id, err.method) == (417, "exp-1", "POST")
 
 
 # -- keep-alive ---------------------------------------------------------------------------------
@@ -458,6 +553,22 @@ def test_server_owned_headers_from_the_application_are_dropped() -> None:
         assert parsed.body == b"ok"
 
 
+@pytest.mark.parametrize("status", [204, 304])
+def test_no_content_and_not_modified_have_no_framing_headers(status: int) -> None:
+    """RFC 9110 §15.3.5/§15.4.5, RFC 9112 §6.3: these responses end with their head."""
+    app_headers = [(b"Content-Length", b"12"), (b"transfer-encoding", b"chunked"), (b"etag", b"x")]
+    for content_length in (None, 0, 12):
+        for http10 in (False, True):
+            head = response_head(
+                status, app_headers, content_length=content_length, close=False, http10=http10
+            )
+            lowered = head.lower()
+            assert b"content-length" not in lowered and b"transfer-encoding" not in lowered
+            assert b"etag: x\r\n" in head
+            parsed = parse_response(head)
+            assert parsed.status == status and parsed.complete and parsed.body == b""
+
+
 def test_response_head_for_http10() -> None:
     keep = parse_response(response_head(200, [], content_length=2, close=False, http10=True))
     assert keep.get(b"connection") == [b"keep-alive"]
@@ -491,6 +602,7 @@ def test_chunk_encoding() -> None:
         (400, "invalid_request_error", "invalid_request"),
         (408, "invalid_request_error", "request_timeout"),
         (413, "invalid_request_error", "request_too_large"),
+        (417, "invalid_request_error", "expectation_failed"),
         (431, "invalid_request_error", "headers_too_large"),
         (500, "server_error", "internal_error"),
         (501, "server_error", "not_implemented"),

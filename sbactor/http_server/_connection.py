@@ -1,0 +1,186 @@
+"""One client connection: read requests in order, run the application for each, answer errors.
+
+Requests on a connection are served in order (pipelining is queued). A request the server
+refuses (``ProtocolViolation``: malformed, too large, no ``Host``, an unknown expectation, an
+upgrade, or too slow to arrive) is answered after the requests before it, in OpenAI's error
+shape, and the connection closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from sbactor.http_server._access import UNKNOWN, log_access
+from sbactor.http_server._exchange import READ_SIZE, Exchange
+from sbactor.http_server._parse import (
+    CONTINUE,
+    ProtocolViolation,
+    Request,
+    RequestReader,
+    error_response,
+    request_id_of,
+)
+
+if TYPE_CHECKING:
+    from sbactor.http_server._server import HttpServer
+
+log = logging.getLogger("sbactor.http")
+
+
+@attrs.define(eq=False)
+class Connection:
+    server: HttpServer
+    stream: trio.SocketStream
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    idle: bool = True  # waiting for a request: may be closed at once on shutdown
+    reader: RequestReader = attrs.field(init=False)
+    pending: list[bytes] = attrs.field(factory=list)  # read while a request ran
+    violation: ProtocolViolation | None = None  # answered after the requests before it
+    linger: bool = False  # closing after an early error answer: drain before close
+    client: tuple[str, int] | None = attrs.field(init=False)
+    local: tuple[str, int] | None = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        limits = self.server.limits
+        self.reader = RequestReader(
+            max_header_bytes=limits.max_header_bytes, max_body_bytes=limits.max_body_bytes
+        )
+        socket = self.stream.socket
+        self.client = address(socket.getpeername)
+        self.local = address(socket.getsockname)
+
+    async def run(self) -> None:
+        while True:
+            request = await self._read_request()
+            if request is None:
+                return
+            self.idle = False
+            keep_alive = await self._serve(request)
+            self.idle = True
+            if not keep_alive or self.server._draining:
+                return
+
+    async def _read_request(self) -> Request | None:
+        """The next whole request, or None when the connection should close."""
+        reader = self.reader
+        limits = self.server.limits
+        idle_deadline = trio.current_time() + limits.keep_alive_s
+        request_deadline = math.inf
+        began: float | None = None  # when this request's bytes began to arrive (access log)
+        continue_sent = False
+        while not reader.has_request:
+            if self.violation is not None:
+                violation, self.violation = self.violation, None
+                await self._refuse(violation, began)
+                self.linger = True  # the rest of a refused body may still be on its way
+                return None
+            if reader.expects_continue and not continue_sent:
+                # here, not right after feed: no earlier request's response is still owed
+                continue_sent = True
+                await self.stream.send_all(CONTINUE)
+            if reader.in_progress and request_deadline == math.inf:
+                request_deadline = trio.current_time() + limits.request_read_s
+            if self.pending:
+                data = b"".join(self.pending)
+                self.pending.clear()
+            else:
+                received: bytes | None = None
+                with trio.move_on_at(request_deadline if reader.in_progress else idle_deadline):
+                    received = await self.stream.receive_some(READ_SIZE)
+                if received is None:  # timed out
+                    if reader.in_progress:
+                        message = "the request was not received in time"
+                        await self._refuse(reader.make_violation(408, message), began)
+                    return None
+                if not received:
+                    return None  # the client closed
+                data = received
+            if began is None:
+                began = time.perf_counter()
+            try:
+                reader.feed(data)
+            except ProtocolViolation as violation:
+                # whole requests parsed before the bad one still get their responses first
+                self.violation = violation
+        return reader.next_request()
+
+    async def _refuse(self, violation: ProtocolViolation, began: float | None) -> None:
+        """Answer a request the server refuses; the access log records it like any other."""
+        started = time.perf_counter() if began is None else began
+        sent = await self._send_error(violation.status, violation.message, violation.request_id)
+        if self.server.access_log:
+            target = violation.target
+            path = UNKNOWN if target is None else target.decode("latin-1")
+            log_access(violation.method or UNKNOWN, path, violation.status, sent, started,
+                       self.client)
+
+    async def _send_error(self, status: int, message: str, request_id: str | None = None) -> int:
+        response = error_response(status, message, request_id=request_id)
+        return await send_within(self.stream, response)
+
+    async def _serve(self, request: Request) -> bool:
+        """Run the app for one request; True when the connection can take another."""
+        self.server._requests += 1
+        exchange = Exchange(self, request)
+        started = time.perf_counter()
+        try:  # the access log sees the status the client got, the server's own 500 too
+            try:
+                await self.server.app(exchange.scope(), exchange.receive, exchange.send)
+            except Exception:
+                log.exception("application failed")
+                if not exchange.head_sent and not exchange.broken:
+                    await self._internal_error(exchange)
+                return False
+            if exchange.started_only():
+                # a 204 or 304 is whole with its head; any other status ended before its first
+                # byte: the client gets the status and a body cut short (no terminating chunk),
+                # as the application meant, not a 500
+                whole = exchange.whole_without_body()
+                ending = {"type": "http.response.body", "body": b"", "more_body": not whole}
+                await exchange.send(ending)
+                if not whole:
+                    return False
+            if not exchange.head_sent and not exchange.broken:
+                log.error(
+                    "application returned without a response", extra={"path": request.target}
+                )
+                await self._internal_error(exchange)
+                return False
+        finally:
+            if self.server.access_log:
+                log_access(request.method, request.target.decode("latin-1"), exchange.status,
+                           exchange.sent_bytes, started, self.client)
+        return exchange.complete and not exchange.closing and not exchange.broken
+
+    async def _internal_error(self, exchange: Exchange) -> None:
+        exchange.status = 500
+        request_id = request_id_of(exchange.request.headers)
+        exchange.sent_bytes = await self._send_error(500, "internal gateway error", request_id)
+
+
+async def send_within(stream: trio.SocketStream, data: bytes, seconds: float = 1.0) -> int:
+    """Send a whole answer unless the client left or stalls: the bytes sent (0 when not all)."""
+    with trio.move_on_after(seconds):
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return 0
+        return len(data)
+    return 0
+
+
+def address(get: Callable[[], Any]) -> tuple[str, int] | None:
+    try:
+        peer = get()
+    except OSError:  # ENOTCONN: the peer reset the connection before we accepted it
+        return None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return str(peer[0]), int(peer[1])
+    return None
