@@ -19,12 +19,15 @@ Supervision is explicit: when a handler raises, a ``RESTART`` actor backs off, r
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import trio
+
+log = logging.getLogger("sbactor.actors")
 
 
 class Supervision(enum.Enum):
@@ -170,6 +173,9 @@ class Actor:
     async def call(self, message: Any, *, timeout: float = 5.0) -> Any:  # noqa: ASYNC109
         """Send a message and wait for the actor's answer (at most ``timeout`` seconds)."""
         if self._idle and not self._closed and self.supervision is Supervision.RESTART:
+            # a cancelled caller must not act (reserve budget, say); this does not yield, so
+            # nothing can slip in between the idle check and the handler
+            await trio.lowlevel.checkpoint_if_cancelled()
             try:
                 answer = self.handle_now(message)
             except NotInline:
@@ -177,6 +183,7 @@ class Actor:
             except Exception as exc:
                 self._errors += 1
                 self._last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("actor %s failed answering inline", self.name)
                 raise ActorError(f"actor {self.name} failed: {exc!r}") from exc
             else:
                 self._processed += 1
@@ -292,8 +299,8 @@ class Actor:
                     first = await self._receive.receive()
                 finally:
                     self._idle = False
-            else:
-                await trio.lowlevel.checkpoint()  # as ``receive`` would: never starve the loop
+            else:  # as ``receive`` does: yield, but a cancel must not lose the message taken
+                await trio.lowlevel.cancel_shielded_checkpoint()
         except trio.EndOfChannel:
             return None
         batch = [first]

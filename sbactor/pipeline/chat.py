@@ -14,6 +14,7 @@ import trio
 
 from sbactor.errors import GatewayError
 from sbactor.gateway import Gateway
+from sbactor.ids import new_id
 from sbactor.pipeline.context import (
     Incoming,
     Reply,
@@ -68,6 +69,9 @@ async def _govern(gateway: Gateway, ctx: RequestContext) -> Any:
         if ctx.reserved and gateway.budgets is not None:
             ctx.reserved = False
             await gateway.budgets.reconcile(ctx.uid, 0.0, 0)
+            # a settled id is remembered (reconcile is idempotent): the new reservation needs
+            # its own, or the request's final reconcile would be dropped as a duplicate
+            ctx.uid = new_id()
         await run_budget(gateway, ctx)
         chosen = gateway.route(ctx.model.name)
     return chosen

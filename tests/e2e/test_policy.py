@@ -208,6 +208,33 @@ async def test_route_to_is_still_subject_to_the_budget_hard_limit(
     assert refusal["policy"]["routed_from"] == "m"
 
 
+async def test_a_rerouted_request_is_charged_and_its_holds_released(
+    start_gateway: StartGateway, mock_upstream: MockUpstream
+) -> None:
+    """route_to releases the first model's reservation and reserves again for the new one; the
+    final reconcile must settle that second reservation (not be dropped as a duplicate)."""
+    cfg = _config(
+        mock_upstream,
+        'ai.tokens.max_output == 9 ? "route_to:big" : "allow"',
+        budgets=[{"name": "all", "scope": "global", "window": "day", "max_cost_usd": 100.0}],
+    )
+    cfg["server"]["admin_key"] = "adm"
+    cfg["models"].append(_model("big"))
+    gw = await start_gateway(cfg)
+    routed = await gw.chat("hi", max_tokens=9)
+    assert routed.status_code == 200, routed.text
+    charged = float(routed.headers["x-sbactor-cost-usd"])
+    assert charged > 0
+    with trio.fail_after(10):
+        while True:
+            r = await gw.client.get("/admin/budgets", headers={"x-admin-key": "adm"})
+            row = next(b for b in r.json()["budgets"] if b["budget"] == "all")
+            if row["reserved_usd"] == 0:
+                break
+            await trio.sleep(0.01)
+    assert row["spent_usd"] == pytest.approx(charged, abs=1e-9)
+
+
 # ---- set_sink_tag / redact / audit ------------------------------------------------------------
 
 

@@ -504,3 +504,14 @@ async def test_closed_or_escalating_actors_never_answer_inline() -> None:
         assert await strict.call("now-5") == ("ok", "now-5")
         assert strict.statistics().inlined == 0  # an error must be able to crash the gateway
         await strict.stop()
+
+
+async def test_a_cancelled_caller_never_runs_the_inline_handler() -> None:
+    async with trio.open_nursery() as nursery:
+        actor = await _started(Inliner("inl"), nursery)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await actor.call("now-cancelled")
+        assert scope.cancelled_caught
+        assert actor.seen == [] and actor.statistics().inlined == 0
+        await actor.stop()
