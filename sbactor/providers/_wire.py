@@ -8,6 +8,10 @@ headers and body (whole, or as a byte stream for SSE). Why httptools rather than
 parser (llhttp) does in one call per network read what h11 did in several Python-level events.
 The request is written by hand, since it is always the same shape.
 
+The pool resends a request only if writing it to a reused connection failed (the upstream cannot
+have it whole); a break after it went out is a ``WireProtocolError`` for the resilience layer (a
+counted attempt), as the upstream may have processed it.
+
 Errors are ``WireError`` subclasses; the provider shell maps them to ``UpstreamError``. A bad
 header or path given to us (not the upstream's fault) is a ``ValueError``.
 """
@@ -15,6 +19,7 @@ header or path given to us (not the upstream's fault) is a ``ValueError``.
 from __future__ import annotations
 
 import re
+import select
 import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -30,26 +35,24 @@ _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CR, LF, NUL...: would let a va
 _TARGET = re.compile(r"[!-~]+")  # printable ASCII, no space: one request-line token
 _FRAMING = frozenset({"content-length", "transfer-encoding"})  # ours to set, or bodies desync
 _MAX_CACHED_HEADS = 64
+_MAX_HEAD = 65536  # bytes of response head (status line, headers, interim answers) we accept
+_IDLE_EXPIRY_S = 4.0  # under the common 5 s server keep-alive, so we rarely race its close
 
 
 class WireError(Exception):
     """Base of the client's transport errors."""
 
 
-class WireConnectError(WireError):
-    pass
+class WireConnectError(WireError): ...
 
 
-class WireConnectTimeout(WireError):
-    pass
+class WireConnectTimeout(WireError): ...
 
 
-class WirePoolTimeout(WireError):
-    pass
+class WirePoolTimeout(WireError): ...
 
 
-class WireReadTimeout(WireError):
-    pass
+class WireReadTimeout(WireError): ...
 
 
 class WireProtocolError(WireError):
@@ -104,11 +107,12 @@ class _Connection:
         "body",
         "complete",
         "head_done",
+        "head_size",
         "headers",
+        "idle_since",
         "interim",
         "keep_alive",
         "parser",
-        "received",
         "reused",
         "status",
         "stream",
@@ -117,12 +121,12 @@ class _Connection:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.parser = httptools.HttpResponseParser(self)
-        self.reused = False
+        self.reused, self.idle_since = False, 0.0  # set when pooled
         self.reset()
 
     def reset(self) -> None:
         """Fresh objects, not cleared ones: the last response keeps its headers."""
-        self.received = False  # any byte of this response yet (a reset before that is retried)
+        self.head_size = 0  # bytes of the head so far, checked against _MAX_HEAD
         self.status = 0
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []  # parsed but not yet handed to the reader
@@ -133,7 +137,7 @@ class _Connection:
             await self.stream.aclose()
 
     def feed(self, data: bytes | bytearray) -> None:
-        self.received = True
+        in_head, mark = not self.head_done, self.head_size
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -141,6 +145,11 @@ class _Connection:
                 self.keep_alive = False
                 return
             raise WireProtocolError(f"bad HTTP from the upstream: {exc}") from None
+        if in_head:  # a read that ends inside the head counts whole (the parser buffers a
+            if not self.head_done:  # partial line); the one that ends it, by its header fields
+                self.head_size = mark + len(data)
+            if self.head_size > _MAX_HEAD:
+                raise WireProtocolError(f"the upstream's response head is over {_MAX_HEAD} bytes")
 
     def feed_eof(self) -> None:
         """The peer closed: that ends a body framed by the close, anything else is cut short."""
@@ -169,6 +178,7 @@ class _Connection:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head_done:
             return  # a chunked body's trailers: not headers of the response already handed out
+        self.head_size += len(name) + len(value) + 4
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1").rstrip(" \t")
 
     def on_headers_complete(self) -> None:
@@ -273,6 +283,22 @@ def _split_lines(data: bytes) -> tuple[list[str], bytes]:
     return lines, data[start:]
 
 
+def _stale(conn: _Connection) -> bool:
+    """An idle connection not to reuse: idle past ``_IDLE_EXPIRY_S`` (the upstream may be closing
+    it now), or with bytes (a stray ``408``: not our answer), an EOF or an error pending."""
+    if trio.current_time() - conn.idle_since > _IDLE_EXPIRY_S:
+        return True
+    stream = conn.stream
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream  # TLS: the socket under it
+    sock = getattr(stream, "socket", None)
+    if sock is None:  # a test double
+        return False
+    poller = select.poll()  # not select(), which fails on descriptors past 1023
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class WirePool:
     """Connections to one origin; at most ``max_connections`` open at once."""
 
@@ -328,7 +354,7 @@ class WirePool:
             yield response
             if response._done and conn.keep_alive and not self._closed:
                 conn.reset()
-                conn.reused = True
+                conn.reused, conn.idle_since = True, trio.current_time()
                 self._idle.append(conn)
                 conn = None
         finally:
@@ -354,18 +380,19 @@ class WirePool:
     async def _send(self, request: bytes) -> tuple[_Connection, WireResponse]:
         while True:
             conn = self._idle.pop() if self._idle else await self._connect()
+            if conn.reused and _stale(conn):
+                await conn.aclose()
+                continue
             try:
                 try:
                     await conn.stream.send_all(request)
                 except (OSError, trio.BrokenResourceError) as exc:
+                    if conn.reused:  # not all of it went out, so the upstream cannot act on it:
+                        await conn.aclose()  # a fresh connection may carry it
+                        continue
                     raise WireProtocolError(f"connection broke while sending: {exc}") from None
-                while not conn.head_done:
+                while not conn.head_done:  # a break now is an error, never a resend
                     await self._receive(conn)
-            except WireProtocolError:
-                await conn.aclose()
-                if conn.reused and not conn.received:
-                    continue  # a kept-alive connection the server had closed: use a fresh one
-                raise
             except BaseException:
                 await conn.aclose()
                 raise
@@ -379,10 +406,7 @@ class WirePool:
                 )
                 if self._ssl is not None:
                     ssl_stream = trio.SSLStream(
-                        stream,
-                        self._ssl,
-                        server_hostname=self.origin.host,
-                        https_compatible=True,
+                        stream, self._ssl, server_hostname=self.origin.host, https_compatible=True
                     )
                     await ssl_stream.do_handshake()
                     stream = ssl_stream

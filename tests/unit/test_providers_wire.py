@@ -370,3 +370,189 @@ def test_origin_netloc_brackets_ipv6_and_drops_default_port() -> None:
     assert Origin.parse("http://[::1]:9000/v1").netloc == "[::1]:9000"
     assert Origin.parse("https://api.example.com/v1").netloc == "api.example.com"
     assert Origin.parse("http://127.0.0.1:8080").netloc == "127.0.0.1:8080"
+
+
+# -- a POST reaches the upstream once: what the pool resends, and which idle connections it reuses
+
+
+@pytest.mark.parametrize("reset", [False, True])
+async def test_a_reused_connection_dropped_after_the_request_went_out_is_not_resent(
+    nursery: trio.Nursery, reset: bool
+) -> None:
+    seen: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        while True:
+            body = await _read_request(stream)
+            seen.append(body)
+            if body == b"billed":  # processed (an LLM completion charged), then the line dies
+                if reset:
+                    linger = struct.pack("ii", 1, 0)
+                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                await stream.aclose()
+                return
+            await stream.send_all(_response(b"ok"))
+
+    url, connections = await start(nursery, handler)
+    p = pool(url)
+    async with p.post("/chat", b"first") as resp:
+        assert await resp.read() == b"ok"
+    with pytest.raises(WireProtocolError):  # for the resilience layer to retry, as an attempt
+        async with p.post("/chat", b"billed"):
+            pass
+    assert seen == [b"first", b"billed"]  # not replayed on a fresh connection
+    assert len(connections) == 1
+    await p.aclose()
+
+
+async def test_a_stray_answer_on_an_idle_connection_is_not_taken_for_the_next(
+    nursery: trio.Nursery,
+) -> None:
+    stray_sent, stray_conn_ended = trio.Event(), trio.Event()
+    after_stray: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        while True:
+            await _read_request(stream)
+            await stream.send_all(_response(b"ok"))
+            if n == 0:  # the idle connection times out upstream, which says so and waits
+                await stream.send_all(
+                    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
+                    b"connection: close\r\n\r\n"
+                )
+                stray_sent.set()
+                try:  # closed with our 408 unread: a reset, or an EOF
+                    after_stray.append(await stream.receive_some(65536))
+                except trio.BrokenResourceError:
+                    after_stray.append(b"")
+                stray_conn_ended.set()
+                return
+
+    url, connections = await start(nursery, handler)
+    p = pool(url)
+    async with p.post("/chat", b"a") as resp:
+        assert await resp.read() == b"ok"
+    await stray_sent.wait()
+    await trio.sleep(0.05)  # delivered to the idle socket
+    async with p.post("/chat", b"b") as resp:
+        assert (resp.status, await resp.read()) == (200, b"ok")
+    assert len(connections) == 2
+    with trio.fail_after(2):
+        await stray_conn_ended.wait()
+    assert after_stray == [b""]  # the stale connection was closed, the request not sent on it
+    await p.aclose()
+
+
+async def test_staleness_is_polled_on_the_socket_under_a_tls_stream_too() -> None:
+    import ssl
+
+    from sbactor.providers._wire import _stale
+
+    for tls in (False, True):
+        ours, theirs = trio.socket.socketpair()
+        stream: trio.abc.Stream = trio.SocketStream(ours)
+        if tls:
+            stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname="up")
+        conn = _Connection(stream)
+        conn.idle_since = trio.current_time()
+        assert not _stale(conn)
+        await theirs.send(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+        assert _stale(conn), tls
+        ours2, theirs2 = trio.socket.socketpair()
+        conn = _Connection(trio.SocketStream(ours2))
+        conn.idle_since = trio.current_time()
+        theirs2.close()  # an EOF pending
+        assert _stale(conn)
+        for sock in (ours, theirs, ours2):
+            sock.close()
+
+
+async def test_an_idle_connection_past_its_expiry_is_closed_not_reused() -> None:
+    first, second = Scripted(_response(b"1")), Scripted(_response(b"2"))
+    p = scripted_pool(first, second)
+    assert (await one(p))[2] == b"1"
+    (idle,) = p._idle
+    idle.idle_since -= 60  # the upstream may be closing it right now
+    assert (await one(p))[2] == b"2"
+    assert first.closed and first.sent.count(b"POST") == 1
+
+
+class BreaksOnSecondSend(Scripted):
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.sent:
+            raise trio.BrokenResourceError("the upstream had closed it")
+        await super().send_all(data)
+
+
+async def test_a_failed_write_to_a_reused_connection_is_resent_on_a_fresh_one() -> None:
+    first, second = BreaksOnSecondSend(_response(b"1")), Scripted(_response(b"2"))
+    p = scripted_pool(first, second)
+    assert (await one(p))[2] == b"1"
+    assert (await one(p))[2] == b"2"  # the upstream cannot have had it whole: safe to resend
+    assert first.closed and second.sent.startswith(b"POST /v1/chat")
+
+
+async def test_a_failed_write_to_a_fresh_connection_is_an_error() -> None:
+    first = BreaksOnSecondSend(_response(b"1"))
+    first.sent = b"x"  # breaks on its first write
+    with pytest.raises(WireProtocolError, match="while sending"):
+        await one(scripted_pool(first, Scripted(_response(b"2"))))
+
+
+# -- the response head is bounded ----------------------------------------------------------------
+
+
+def _head_of(size: int) -> bytes:
+    headers = b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 990) for i in range(size // 1000))
+    return b"HTTP/1.1 200 OK\r\n" + headers + b"content-length: 2\r\n\r\nok"
+
+
+async def test_a_response_head_over_64_kib_is_a_protocol_error() -> None:
+    huge_value = b"HTTP/1.1 200 OK\r\nx-big: " + b"v" * 70_000 + b"\r\ncontent-length: 0\r\n\r\n"
+    hints = b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"
+    cases = [
+        [_head_of(70_000)],  # in one read
+        [_head_of(70_000)[i : i + 1000] for i in range(0, 71_000, 1000)],  # over many
+        [huge_value[i : i + 1000] for i in range(0, len(huge_value), 1000)],  # one header
+        [hints] * 2000 + [_response(b"ok")],  # interim answers without end
+    ]
+    for pieces in cases:
+        stream = Scripted(*pieces)
+        with pytest.raises(WireProtocolError, match="head is over 65536 bytes"):
+            await one(scripted_pool(stream))
+        assert stream.closed
+        read = sum(map(len, pieces)) - sum(map(len, stream.pieces))
+        assert read <= 65536 + max(map(len, pieces))  # stopped there, not buffering the rest
+
+
+async def test_a_large_head_under_the_limit_is_read_in_pieces_or_whole() -> None:
+    data = _head_of(60_000)
+    for pieces in ([data], [data[i : i + 7000] for i in range(0, len(data), 7000)]):
+        status, headers, body = await one(scripted_pool(Scripted(*pieces)))
+        assert (status, len(headers), body) == (200, 61, b"ok")
+
+
+# -- the shell and the resilience layer see a dropped reused connection as a connection failure --
+
+
+async def test_a_dropped_reused_connection_is_a_retryable_connection_failure(
+    nursery: trio.Nursery,
+) -> None:
+    from sbactor.providers._http import HttpShell
+    from sbactor.providers.base import UpstreamConnectionError
+    from sbactor.resilience.failure import FailureClass, classify_exception
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        await _read_request(stream)
+        await stream.send_all(_response(b"{}"))
+        await _read_request(stream)
+        await stream.aclose()
+
+    url, _ = await start(nursery, handler)
+    shell = HttpShell(name="up", kind="openai", base_url=url, headers={}, timeout_s=2,
+                      connect_timeout_s=2, max_connections=2)
+    assert (await shell.post_json("/chat", {})).status == 200
+    with pytest.raises(UpstreamConnectionError) as info:
+        await shell.post_json("/chat", {})
+    assert classify_exception(info.value).cls is FailureClass.CONNECTION
+    await shell.aclose()
