@@ -4,6 +4,10 @@ Requests on a connection are served in order (pipelining is queued). A request t
 refuses (``ProtocolViolation``: malformed, too large, no ``Host``, an unknown expectation, an
 upgrade, or too slow to arrive) is answered after the requests before it, in OpenAI's error
 shape, and the connection closes.
+
+A connection is *idle* only while it waits for a request with none begun and nothing buffered:
+then, and only then, may the server close it at once (on shutdown, or to make room at the
+connection cap). A request that has begun to arrive is read to its end and served.
 """
 
 from __future__ import annotations
@@ -33,13 +37,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sbactor.http")
 
+_WRITE_SLICE = 65536  # write_timeout_s bounds each slice: progress, not a whole large body
+
 
 @attrs.define(eq=False)
 class Connection:
     server: HttpServer
     stream: trio.SocketStream
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    idle: bool = True  # waiting for a request: may be closed at once on shutdown
+    evicted: bool = False  # closed while idle to make room at the connection cap
+    _idle_wait: trio.CancelScope | None = None  # set while idle: cancelling it closes
     reader: RequestReader = attrs.field(init=False)
     pending: list[bytes] = attrs.field(factory=list)  # read while a request ran
     violation: ProtocolViolation | None = None  # answered after the requests before it
@@ -61,11 +67,40 @@ class Connection:
             request = await self._read_request()
             if request is None:
                 return
-            self.idle = False
             keep_alive = await self._serve(request)
-            self.idle = True
-            if not keep_alive or self.server._draining:
+            if not keep_alive or self.server._draining or self.evicted:
                 return
+
+    def close_if_idle(self) -> bool:
+        """Close now if idle (see the module's doc); False when busy, which closes nothing."""
+        if self._idle_wait is None:
+            return False
+        self._idle_wait.cancel()  # the wait ends as an idle timeout would
+        self._set_idle(None)
+        return True
+
+    def _set_idle(self, wait: trio.CancelScope | None) -> None:
+        self._idle_wait = wait
+        idle = self.server._idle  # oldest first: a connection going idle moves to the end
+        if wait is None:
+            idle.pop(self, None)
+        else:
+            idle[self] = None
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data`` whole, each slice of it within ``write_timeout_s``; a client that does
+        not read that long is gone: the stream is closed (waking a ``receive`` waiting on it)
+        and ``BrokenResourceError`` raised."""
+        stream = self.stream
+        seconds = self.server.limits.write_timeout_s
+        with memoryview(data) as view:
+            for start in range(0, len(view), _WRITE_SLICE):
+                with trio.move_on_after(seconds) as timeout:
+                    await stream.send_all(view[start : start + _WRITE_SLICE])
+                if timeout.cancelled_caught:
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+                    raise trio.BrokenResourceError("the client did not read the response in time")
 
     async def _read_request(self) -> Request | None:
         """The next whole request, or None when the connection should close."""
@@ -84,17 +119,26 @@ class Connection:
             if reader.expects_continue and not continue_sent:
                 # here, not right after feed: no earlier request's response is still owed
                 continue_sent = True
-                await self.stream.send_all(CONTINUE)
+                await self.write(CONTINUE)
             if reader.in_progress and request_deadline == math.inf:
                 request_deadline = trio.current_time() + limits.request_read_s
             if self.pending:
                 data = b"".join(self.pending)
                 self.pending.clear()
             else:
+                idle = not reader.in_progress
+                if idle and (self.server._draining or self.evicted):
+                    return None
                 received: bytes | None = None
-                with trio.move_on_at(request_deadline if reader.in_progress else idle_deadline):
-                    received = await self.stream.receive_some(READ_SIZE)
-                if received is None:  # timed out
+                with trio.move_on_at(idle_deadline if idle else request_deadline) as wait:
+                    if idle:
+                        self._set_idle(wait)
+                    try:
+                        received = await self.stream.receive_some(READ_SIZE)
+                    finally:
+                        if idle:
+                            self._set_idle(None)
+                if received is None:  # timed out, or closed while idle
                     if reader.in_progress:
                         message = "the request was not received in time"
                         await self._refuse(reader.make_violation(408, message), began)

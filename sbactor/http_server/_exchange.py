@@ -135,41 +135,55 @@ class Exchange:
             out = (chunk(body) if body else b"") + (b"" if more else LAST_CHUNK)
         else:
             out = body
-        self.complete = not more
         if out:
             try:
-                await self.connection.stream.send_all(out)
-                self.sent_bytes += len(out)
+                await self.connection.write(out)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.broken = True  # the client left, or stopped reading (write_timeout_s)
+                return
+            except BaseException:
+                # cancelled (an app's timeout around send, say) with part of ``out`` written:
+                # the rest of the response can never follow, nor may a next one be spliced on
                 self.broken = True
+                raise
+            self.sent_bytes += len(out)
+        self.complete = not more  # only once all of it is written
 
     def _start(self, body: bytes, more: bool) -> bytes:
+        """The head (and the first body bytes) to send; the response counts as started only
+        once the head is built: a header the head refuses (CR or LF) leaves the server's 500."""
         if self._head is None:
             raise RuntimeError("http.response.body before a final http.response.start")
         status, headers = self._head
-        self.status = status
-        self.head_sent = True
-        close = not self.request.keep_alive or self.connection.server._draining
-        http10 = self.request.http_version == "1.0"
-        if has_no_body(status):  # no framing, no body, not even a last chunk
-            self.bodiless = True
-            self.closing = close
-            return response_head(status, headers, content_length=None, close=close, http10=http10)
-        self.bodiless = self.request.method == "HEAD"
-        has_length = any(name.lower() == b"content-length" for name, _ in headers)
-        if more and not has_length:
-            self.chunked = not http10  # HTTP/1.0 has no chunks: the body ends with the close
-            close = close or http10
-            self.closing = close
-            head = response_head(status, headers, content_length=None, close=close, http10=http10)
-            if self.bodiless:
-                return head
-            return head + (chunk(body) if body and self.chunked else body)
-        self.closing = close
-        head = response_head(
-            status, headers, content_length=len(body), close=close, http10=http10
+        close = (
+            not self.request.keep_alive
+            or self.connection.server._draining
+            or self.connection.evicted
         )
-        return head if self.bodiless else head + body
+        http10 = self.request.http_version == "1.0"
+        chunked = False
+        content_length: int | None = None
+        if has_no_body(status):  # no framing, no body, not even a last chunk
+            bodiless = True
+        else:
+            bodiless = self.request.method == "HEAD"
+            if more and not any(name.lower() == b"content-length" for name, _ in headers):
+                chunked = not http10  # HTTP/1.0 has no chunks: the body ends with the close
+                close = close or http10
+            else:
+                content_length = len(body)
+        try:
+            head = response_head(
+                status, headers, content_length=content_length, close=close, http10=http10
+            )
+        except Exception:
+            self._head = None  # nothing started: the application's error (or return) gets a 500
+            raise
+        self.status, self.head_sent = status, True
+        self.bodiless, self.chunked, self.closing = bodiless, chunked, close
+        if bodiless:
+            return head
+        return head + (chunk(body) if body and chunked else body)
 
 
 def _unquote(raw_path: bytes) -> str:

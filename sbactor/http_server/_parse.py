@@ -67,8 +67,9 @@ class RequestReader:
 
     Raises ``ProtocolViolation`` for malformed input (400), an HTTP/1.1 request without a
     ``Host`` or any request with two (400), a header block over ``max_header_bytes`` (431), a
-    body over ``max_body_bytes`` (413), an expectation other than ``100-continue`` (417) and
-    upgrade requests (501).
+    body over ``max_body_bytes`` (413), an expectation other than ``100-continue`` (417),
+    upgrade requests and transfer codings other than ``chunked`` alone (501), and any HTTP
+    version but 1.0 and 1.1 (505: llhttp would take ``GET /`` as HTTP/0.9).
     """
 
     def __init__(self, *, max_header_bytes: int, max_body_bytes: int) -> None:
@@ -164,8 +165,12 @@ class RequestReader:
     def on_headers_complete(self) -> None:
         self._request_line_read()
         self._headers_done = True
-        http11 = self._parser.get_http_version() == "1.1"
+        version = self._parser.get_http_version()
+        if version not in ("1.0", "1.1"):  # llhttp takes "GET /" as 0.9, and reads 2.0 too
+            self._fail(505, f"HTTP/{version} is not supported: send HTTP/1.1")
+        http11 = version == "1.1"
         hosts = 0
+        codings: list[bytes] = []
         for name, value in self._headers:
             if name == b"host":
                 hosts += 1
@@ -174,6 +179,12 @@ class RequestReader:
                     self._fail(413, self._too_large())
             elif name == b"expect":
                 self._expect(value.strip().lower(), http11)
+            elif name == b"transfer-encoding":
+                codings += filter(None, (c.strip().lower() for c in value.split(b",")))
+        if len(codings) > 1 and codings[-1] == b"chunked":
+            # RFC 9112 §6.1: a coding we do not decode (gzip, chunked) is 501, not bytes the
+            # application would take for the body. chunked not last: llhttp answers 400 (§6.3).
+            self._fail(501, "the only transfer coding supported is 'Transfer-Encoding: chunked'")
         if hosts > 1:
             self._fail(400, "a request must not carry more than one host header")
         if hosts == 0 and http11:
@@ -320,6 +331,7 @@ _ERROR_CODES = {
     500: "internal_error",
     501: "not_implemented",
     503: "overloaded",
+    505: "http_version_not_supported",
 }
 
 

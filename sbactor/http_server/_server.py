@@ -4,7 +4,8 @@ Why not hypercorn (which we used first): on this 2-core machine hypercorn spent 
 request on a trivial reply at concurrency 1, this server ~140 µs (h11 alone: ~290 µs) — about a
 third of the gateway's whole added latency (benchmarks/README.md). A gateway also needs two
 things hypercorn does not give: a cap on open connections that answers 503 cheaply instead of
-parsing every request of a connection storm, and a shutdown that closes idle keep-alive
+parsing every request of a connection storm (after closing the longest-idle keep-alive
+connection, when one is idle, to make room), and a shutdown that closes idle keep-alive
 connections at once instead of waiting out the grace period.
 
 One task per connection (``_connection``); requests on a connection are served in order
@@ -39,6 +40,7 @@ class ServerLimits:
     max_header_bytes: int = 64 * 1024
     keep_alive_s: float = 75.0  # idle time between requests before we close
     request_read_s: float = 30.0  # from a request's first byte to its last
+    write_timeout_s: float = 30.0  # for each ≤ 64 KiB of a response to be taken by the client
 
 
 @attrs.frozen
@@ -56,6 +58,9 @@ class HttpServer:
     limits: ServerLimits = attrs.field(factory=ServerLimits)
     access_log: bool = False
     _connections: set[Connection] = attrs.field(factory=set, init=False)
+    # idle connections (``Connection``'s doc), the longest idle first: closed to make room
+    _idle: dict[Connection, None] = attrs.field(factory=dict, init=False)
+    _evicting: int = attrs.field(default=0, init=False)  # closed to make room, not yet gone
     _refused: int = attrs.field(default=0, init=False)
     _refusing: int = attrs.field(default=0, init=False)  # refusals being answered now
     _requests: int = attrs.field(default=0, init=False)
@@ -108,11 +113,11 @@ class HttpServer:
             connections.cancel_scope.cancel()
 
     async def _drain(self, grace_s: float) -> None:
-        """Idle connections close now; busy ones after their current response."""
+        """Idle connections close now; busy ones after their current response, and one with a
+        request half received after that request's response."""
         self._draining = True
-        for connection in list(self._connections):
-            if connection.idle:
-                connection.scope.cancel()
+        for connection in list(self._idle):
+            connection.close_if_idle()
         if self._connections:
             with trio.move_on_after(grace_s):
                 await self._all_closed.wait()
@@ -127,7 +132,8 @@ class HttpServer:
                 log.warning("accept failed", extra={"error": str(exc)})
                 await trio.sleep(0.1)
                 continue
-            if len(self._connections) >= self.limits.max_connections:
+            open_ = len(self._connections) - self._evicting
+            if open_ >= self.limits.max_connections and not self._evict_idle():
                 self._refused += 1
                 if self._refusing < _MAX_REFUSING:
                     nursery.start_soon(self._refuse, stream)
@@ -138,16 +144,26 @@ class HttpServer:
             self._connections.add(connection)
             nursery.start_soon(self._run_connection, connection)
 
+    def _evict_idle(self) -> bool:
+        """Close the longest-idle connection to make room for a new one; False if none is."""
+        connection = next(iter(self._idle), None)
+        if connection is None:
+            return False
+        connection.evicted = True
+        self._evicting += 1
+        return connection.close_if_idle()
+
     async def _run_connection(self, connection: Connection) -> None:
         try:
-            with connection.scope:
-                await connection.run()
+            await connection.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away mid-write
         except Exception:
             log.exception("connection failed")
         finally:
             self._connections.discard(connection)
+            if connection.evicted:
+                self._evicting -= 1
             if connection.linger:
                 with trio.CancelScope(shield=True):
                     await linger_close(connection.stream)

@@ -8,6 +8,7 @@ being smoothed over by an HTTP client library. Timeouts are short and set per te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -25,6 +26,8 @@ from sbactor.http_server._parse import Headers
 from tests.conftest import MockUpstream, StartGateway, mock_config
 
 # -- the application ----------------------------------------------------------------------------
+
+BIG = 16 << 20  # more than loopback's socket buffers take while the client does not read
 
 
 @attrs.define(eq=False)
@@ -97,6 +100,31 @@ class App:
             await self.release.wait()
             await start()
             await part(b"slow done")
+        elif path == "/bad-header":  # a CR or LF in a value: the head is refused
+            await start(headers=[(b"x-warning", b"a\r\nx-forged: b")])
+            await part(b"never sent")
+        elif path == "/bad-header-caught":
+            await start(headers=[(b"x-warning", b"a\nb")])
+            with contextlib.suppress(ValueError):
+                await part(b"never sent")
+        elif path == "/big-then-give-up":  # a timeout around send (quart-trio has one)
+            with trio.move_on_after(0.2):
+                await start()
+                await part(b"x" * BIG)
+            self.entered.set()
+        elif path == "/endless":  # a stream until the client is gone, as a proxied upstream's
+            await start(headers=[(b"content-type", b"text/event-stream")])
+            async with trio.open_nursery() as streaming:
+
+                async def watch() -> None:
+                    self.later.append(await receive())
+                    self.got_later.set()
+                    streaming.cancel_scope.cancel()
+
+                streaming.start_soon(watch)
+                while True:
+                    await part(b"x" * 65536, more=True)
+                    await trio.lowlevel.checkpoint()
         elif path == "/disconnect":
             self.entered.set()
             self.later.append(await receive())
@@ -118,8 +146,13 @@ class Served:
     stop: trio.Event
     returned: trio.Event
 
-    async def connect(self) -> Client:
-        return Client(await trio.open_tcp_stream("127.0.0.1", self.port))
+    async def connect(self, *, receive_buffer: int | None = None) -> Client:
+        if receive_buffer is None:
+            return Client(await trio.open_tcp_stream("127.0.0.1", self.port))
+        sock = trio.socket.socket()  # a small window: the server's writes block sooner
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        await sock.connect(("127.0.0.1", self.port))
+        return Client(trio.SocketStream(sock))
 
     async def wait_for(self, connections: int) -> None:
         # the server's bookkeeping, which no event reports
@@ -400,6 +433,68 @@ async def test_app_failing_before_responding_is_500_json(
         assert await client.closed()
 
 
+@pytest.mark.parametrize("path", ["/bad-header", "/bad-header-caught"])
+async def test_a_response_header_with_cr_or_lf_is_500_not_an_empty_reply(
+    nursery: trio.Nursery, path: str
+) -> None:
+    """The head is refused before anything is sent, so the server's 500 can still answer —
+    whether the application lets the ValueError out or swallows it and returns."""
+    served = await serve(nursery, App())
+    with trio.fail_after(5):
+        client = await served.connect()
+        await client.send(get(path, "x-request-id: crlf-1"))
+        response = await client.read_response()
+        assert (response.status, response.get("x-request-id")) == (500, "crlf-1")
+        assert response.json()["error"]["code"] == "internal_error"
+        assert response.get("x-warning") is None and response.get("x-forged") is None
+        assert await client.closed()
+
+
+async def test_a_send_cancelled_mid_write_ends_the_connection_not_the_response(
+    nursery: trio.Nursery,
+) -> None:
+    """An application's timeout cancels ``send`` with part of a body written: the response is
+    not complete, so the next pipelined response must not follow it into the client's body."""
+    app = App()
+    served = await serve(nursery, app)
+    with trio.fail_after(10):
+        client = await served.connect(receive_buffer=4096)
+        await client.send(get("/big-then-give-up") + get("/echo?second"))
+        await app.entered.wait()  # the application gave up with the body part written
+        head = await client.read_interim_or_response_head()
+        assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: %d\r\n" % BIG in head
+        received, clean = len(client.buffer), client.buffer.count(b"x") == len(client.buffer)
+        with trio.move_on_after(3):  # the connection closes; before the fix, it stayed open
+            while True:
+                try:
+                    data = await client.stream.receive_some(1 << 20)
+                except trio.BrokenResourceError:
+                    break
+                if not data:
+                    break
+                received += len(data)
+                clean = clean and data.count(b"x") == len(data)
+        assert clean, "another response was spliced into the body"
+        assert 0 < received < BIG
+        assert app.calls == ["GET /big-then-give-up"]
+
+
+async def test_a_client_that_stops_reading_is_closed_after_write_timeout_s(
+    nursery: trio.Nursery,
+) -> None:
+    """A stream to a client that never reads ends within ``write_timeout_s`` of the last
+    progress: the application hears ``http.disconnect`` (and frees its upstream)."""
+    app = App()
+    served = await serve(nursery, app, write_timeout_s=0.3, keep_alive_s=60)
+    with trio.fail_after(10):
+        client = await served.connect(receive_buffer=4096)
+        await client.send(get("/endless"))
+        await app.got_later.wait()
+        assert [m["type"] for m in app.later] == ["http.disconnect"]
+        await served.wait_for(0)
+        await client.aclose()
+
+
 async def test_head_gets_no_body_and_the_connection_stays_in_sync(
     nursery: trio.Nursery,
 ) -> None:
@@ -603,13 +698,15 @@ async def test_slow_partial_request_gets_408(nursery: trio.Nursery) -> None:
 
 
 async def test_connection_cap_refuses_with_503_then_recovers(nursery: trio.Nursery) -> None:
-    served = await serve(nursery, App(), max_connections=2)
+    app = App()
+    served = await serve(nursery, app, max_connections=2)
     with trio.fail_after(5):
-        first, second = await served.connect(), await served.connect()
-        for client in (first, second):
-            await client.send(get("/echo"))
-            assert (await client.read_response()).status == 200
-        third = await served.connect()
+        busy, half = await served.connect(), await served.connect()
+        await busy.send(get("/slow"))  # the application is running
+        await app.entered.wait()
+        await half.send(post("/echo?half", b"0123456789")[:-4])  # a request half received
+        await trio.testing.wait_all_tasks_blocked()
+        third = await served.connect()  # neither is idle: no room to make
         await third.send(get("/echo"))
         refused = await third.read_response()
         assert refused.status == 503
@@ -619,13 +716,49 @@ async def test_connection_cap_refuses_with_503_then_recovers(nursery: trio.Nurse
         assert await third.closed()
         assert served.server.statistics().refused_connections == 1
 
-        await first.aclose()
+        await half.send(b"6789")  # neither was disturbed
+        assert (await half.read_response()).body == b"POST /echo?half 0123456789"
+        app.release.set()
+        assert (await busy.read_response()).body == b"slow done"
+        await busy.aclose()
         await served.wait_for(1)
         fourth = await served.connect()
         await fourth.send(get("/echo?fourth"))
         assert (await fourth.read_response()).body == b"GET /echo?fourth "
-        await second.send(get("/echo?second"))  # the survivor was never disturbed
-        assert (await second.read_response()).status == 200
+        await half.send(get("/echo?half"))  # room was made by busy's close: half was kept
+        assert (await half.read_response()).status == 200
+        assert served.server.statistics().refused_connections == 1
+
+
+async def test_at_the_cap_the_longest_idle_connection_makes_room(nursery: trio.Nursery) -> None:
+    """Idle keep-alive connections (a client's pool) do not lock new clients out: at the cap,
+    the connection idle the longest is closed for the new one, which is served, not 503."""
+    served = await serve(nursery, App(), max_connections=2)
+    with trio.fail_after(5):
+        first, second = await served.connect(), await served.connect()
+        for client in (second, first):  # first is used last: second has been idle longest
+            await client.send(get("/echo"))
+            assert (await client.read_response()).status == 200
+        third = await served.connect()
+        await third.send(get("/echo?third"))
+        assert (await third.read_response()).body == b"GET /echo?third "
+        assert await second.closed()  # closed quietly, between requests: it owed no answer
+        await first.send(get("/echo?first"))  # the more recently used one was kept
+        assert (await first.read_response()).body == b"GET /echo?first "
+        stats = served.server.statistics()
+        assert (stats.connections, stats.refused_connections) == (2, 0)
+
+        never_spoke = await served.connect()  # at the cap again: third is the longest idle
+        assert await third.closed()
+        await served.wait_for(2)
+        await trio.testing.wait_all_tasks_blocked()  # never_spoke waits for its request: idle
+        fourth = await served.connect()
+        await fourth.send(get("/echo?fourth"))
+        assert (await fourth.read_response()).status == 200
+        assert await first.closed()  # idle since its answer, before never_spoke was accepted
+        assert served.server.statistics().refused_connections == 0
+        await never_spoke.send(get("/echo?never"))  # a connection that never spoke yet is kept
+        assert (await never_spoke.read_response()).status == 200
 
 
 async def test_a_connection_reset_before_accept_does_not_stop_the_server(
@@ -677,6 +810,30 @@ async def test_http10_without_host_is_served(nursery: trio.Nursery) -> None:
         client = await served.connect()
         await client.send(b"GET /echo HTTP/1.0\r\n\r\n")
         assert (await client.read_response()).body == b"GET /echo? "
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET /echo\r\n\r\n", 505),  # HTTP/0.9, as llhttp reads it
+        (get("/echo", "transfer-encoding: gzip, chunked", method="POST")
+         + b"3\r\nabc\r\n0\r\n\r\n", 501),
+    ],
+    ids=["http09", "gzip-chunked"],
+)
+async def test_http09_is_505_and_a_coding_besides_chunked_is_501(
+    nursery: trio.Nursery, raw: bytes, status: int
+) -> None:
+    app = App()
+    served = await serve(nursery, app)
+    with trio.fail_after(5):
+        client = await served.connect()
+        await client.send(raw)
+        response = await client.read_response()
+        assert response.status == status
+        assert response.get("connection") == "close"
+        assert await client.closed()
+        assert app.calls == []
 
 
 # -- Expect: 100-continue -----------------------------------------------------------------------
@@ -815,6 +972,53 @@ async def test_shutdown_lets_a_request_in_flight_finish_with_connection_close(
         await served.returned.wait()
 
 
+@pytest.mark.parametrize(
+    ("before", "after", "body"),
+    [
+        (get("/echo")[:20], get("/echo")[20:], b"GET /echo? "),  # cut inside the head
+        (post("/echo", b"0123456789")[:-5], b"56789", b"POST /echo? 0123456789"),  # the body
+    ],
+    ids=["head", "body"],
+)
+async def test_shutdown_lets_a_half_received_request_finish(
+    nursery: trio.Nursery, before: bytes, after: bytes, body: bytes
+) -> None:
+    app = App()
+    served = await serve(nursery, app, grace_s=30)
+    with trio.fail_after(5):
+        idle, client = await served.connect(), await served.connect()
+        await client.send(before)
+        await trio.testing.wait_all_tasks_blocked()  # the server has read it
+        served.stop.set()
+        assert await idle.closed()  # the shutdown has begun; the other one is waited for
+        await client.send(after)
+        response = await client.read_response()
+        assert (response.status, response.body) == (200, body)
+        assert response.get("connection") == "close"
+        assert await client.closed()
+        await served.returned.wait()
+        assert len(app.calls) == 1
+
+
+async def test_shutdown_lets_a_request_told_100_continue_send_its_body(
+    nursery: trio.Nursery,
+) -> None:
+    served = await serve(nursery, App(), grace_s=30)
+    with trio.fail_after(5):
+        client = await served.connect()
+        await client.send(get("/echo", "content-length: 5", "expect: 100-continue",
+                              method="POST"))
+        assert await client.read_interim_or_response_head() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        served.stop.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not served.returned.is_set()
+        await client.send(b"hello")
+        response = await client.read_response()
+        assert (response.status, response.body) == (200, b"POST /echo? hello")
+        assert response.get("connection") == "close"
+        await served.returned.wait()
+
+
 async def test_shutdown_grace_over_cuts_the_request_in_flight(nursery: trio.Nursery) -> None:
     app = App()
     served = await serve(nursery, app, grace_s=0.1)
@@ -908,6 +1112,8 @@ async def test_access_log_records_the_connection_cap_refusal(
         held = await served.connect()
         await held.send(get("/echo"))
         assert (await held.read_response()).status == 200
+        await held.send(get("/echo?next")[:-2])  # a request begun: not idle, not closed for room
+        await trio.testing.wait_all_tasks_blocked()
         refused = await served.connect()
         await refused.send(get("/echo?over"))
         assert (await refused.read_response()).status == 503
@@ -984,11 +1190,15 @@ async def test_gateway_metrics_show_connections_refusals_and_requests(
         other = await connect()
         await other.send(get("/healthz"))
         assert (await other.read_response()).status == 200
+        # requests begun on both: neither is idle, so neither is closed to make room
+        await other.send(get("/healthz")[:-2])
+        await scraper.send(get("/metrics")[:-2])
+        await trio.testing.wait_all_tasks_blocked()
         over = await connect()  # a third connection: over the cap
         await over.send(get("/healthz"))
         assert (await over.read_response()).status == 503
 
-        await scraper.send(get("/metrics"))
+        await scraper.send(b"\r\n")
         after = await scraper.read_response()
         assert scraped(after, "sbactor_http_connections") == 2
         assert (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import trio
+import trio.testing
 
 from sbactor.overload import LoopLag
 from tests.conftest import MockUpstream, StartGateway, mock_config
@@ -78,6 +79,8 @@ async def test_overload_example_serves_and_refuses_past_the_connection_cap(
         for stream in held:  # both are served: the cap counts them
             await stream.send_all(request)
             assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200")
+            await stream.send_all(request[:-2])  # a request begun: idle ones would make room
+        await trio.testing.wait_all_tasks_blocked()
         third = await trio.open_tcp_stream(host, int(port))
         await third.send_all(request)
         answer = b""

@@ -356,6 +356,49 @@ def test_upgrade_is_501_and_the_upgrade_request_is_not_queued(raw: bytes) -> Non
     assert [req.method for req in drain(r)] == ["GET"]
 
 
+# -- HTTP versions and transfer codings ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "version"),
+    [
+        (b"GET /\r\n\r\n", "0.9"),  # no version: llhttp takes it for HTTP/0.9
+        (b"GET / HTTP/0.9\r\nhost: gw\r\n\r\n", "0.9"),
+        (b"GET / HTTP/2.0\r\nhost: gw\r\n\r\n", "2.0"),  # llhttp parses 2.0 like 1.1
+    ],
+    ids=["bare-request-line", "0.9", "2.0"],
+)
+def test_http_versions_but_10_and_11_are_505(raw: bytes, version: str) -> None:
+    for pieces in ([raw], byte_by_byte(raw)):
+        err = violation(pieces)
+        assert err.status == 505, err.message
+        assert f"HTTP/{version}" in err.message
+    r = reader()
+    with pytest.raises(ProtocolViolation):
+        r.feed(GET + raw)
+    assert [req.http_version for req in drain(r)] == ["1.1"]  # the request before it is kept
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [[b"gzip, chunked"], [b"gzip", b"chunked"], [b"deflate,chunked"], [b"identity, chunked"]],
+)
+def test_a_transfer_coding_besides_chunked_is_501(codings: list[bytes]) -> None:
+    """RFC 9112 §6.1: the body would reach the application still gzip-coded."""
+    te = b"".join(b"transfer-encoding: %s\r\n" % coding for coding in codings)
+    raw = b"POST / HTTP/1.1\r\nhost: gw\r\nx-request-id: te-1\r\n" + te + b"\r\n"
+    for pieces in ([raw + b"3\r\nabc\r\n0\r\n\r\n"], byte_by_byte(raw)):
+        err = violation(pieces)
+        assert (err.status, err.request_id) == (501, "te-1")
+
+
+@pytest.mark.parametrize("value", [b"chunked", b"Chunked ", b", chunked"])
+def test_chunked_alone_is_read(value: bytes) -> None:
+    raw = b"POST / HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: %s\r\n\r\n" % value
+    [request] = read_all([raw + b"3\r\nabc\r\n0\r\n\r\n"])
+    assert request.body == b"abc"
+
+
 # -- Expect: 100-continue -----------------------------------------------------------------------
 
 
@@ -607,6 +650,7 @@ def test_chunk_encoding() -> None:
         (500, "server_error", "internal_error"),
         (501, "server_error", "not_implemented"),
         (503, "server_error", "overloaded"),
+        (505, "server_error", "http_version_not_supported"),
     ],
 )
 def test_error_response_shape(status: int, type_: str, code: str) -> None:
