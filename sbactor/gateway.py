@@ -268,12 +268,23 @@ class Gateway:
             )
         return principal
 
+    @property
+    def lag_shed_floor(self) -> int:
+        """Lag shedding never takes in-flight requests below this: they are the goodput. Without
+        a floor, a storm of cheap-to-refuse requests keeps the loop lagging and the gateway
+        sheds everything, serving nothing (measured: 9 req/s served of 890 possible)."""
+        return max(4, self.config.server.max_in_flight // 8)
+
     def admission(self) -> GatewayError | None:
         """Refuse new paid work before any upstream call when we could not record it."""
         if self.draining:
             return GatewayError(503, "gateway is shutting down", "service_unavailable", "draining")
         shed_ms = self.config.server.shed_loop_lag_ms
-        if shed_ms and self.loop_lag.lag_s * 1000 > shed_ms:
+        if (
+            shed_ms
+            and self.loop_lag.lag_s * 1000 > shed_ms
+            and self.in_flight >= self.lag_shed_floor
+        ):
             return GatewayError(
                 503,
                 f"gateway overloaded: event loop {self.loop_lag.lag_s * 1000:.0f} ms behind",

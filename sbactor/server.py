@@ -26,7 +26,7 @@ import trio
 
 from sbactor.app import create_app
 from sbactor.config import Config
-from sbactor.edge import Edge
+from sbactor.edge import Edge, early_admission
 from sbactor.gateway import Gateway
 from sbactor.http_server import HttpServer, ServerLimits, display_address, open_listen_socket
 from sbactor.ledger.verify import LedgerCorrupt
@@ -78,6 +78,7 @@ async def run_gateway(
     sock = open_socket(bind, config)
     gateway = Gateway.build(config, data_dir, ledger_recover=ledger_recover)
     server = http_server(config, Edge(gateway, create_app(gateway)))  # type: ignore[arg-type]
+    server.admission = early_admission(gateway)
     gateway.http_server = server
     shutdown = shutdown if shutdown is not None else trio.Event()
     http_done = trio.Event()

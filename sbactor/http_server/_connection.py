@@ -26,10 +26,12 @@ from sbactor.http_server._exchange import READ_SIZE, Exchange
 from sbactor.http_server._parse import (
     CONTINUE,
     ProtocolViolation,
+    Refusal,
     Request,
     RequestReader,
     error_response,
     request_id_of,
+    response_head,
 )
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ class Connection:
     server: HttpServer
     stream: trio.SocketStream
     evicted: bool = False  # closed while idle to make room at the connection cap
+    idle_since: float = 0.0  # when it last began waiting for a request
     _idle_wait: trio.CancelScope | None = None  # set while idle: cancelling it closes
     reader: RequestReader = attrs.field(init=False)
     pending: list[bytes] = attrs.field(factory=list)  # read while a request ran
@@ -85,6 +88,7 @@ class Connection:
         if wait is None:
             idle.pop(self, None)
         else:
+            self.idle_since = trio.current_time()
             idle[self] = None
 
     async def write(self, data: bytes) -> None:
@@ -172,6 +176,10 @@ class Connection:
     async def _serve(self, request: Request) -> bool:
         """Run the app for one request; True when the connection can take another."""
         self.server._requests += 1
+        if self.server.admission is not None:
+            refusal = self.server.admission(request)
+            if refusal is not None:
+                return await self._refuse_early(request, refusal)
         exchange = Exchange(self, request)
         started = time.perf_counter()
         try:  # the access log sees the status the client got, the server's own 500 too
@@ -202,6 +210,24 @@ class Connection:
                 log_access(request.method, request.target.decode("latin-1"), exchange.status,
                            exchange.sent_bytes, started, self.client)
         return exchange.complete and not exchange.closing and not exchange.broken
+
+    async def _refuse_early(self, request: Request, refusal: Refusal) -> bool:
+        """A request the server's admission hook turned away (load shedding): the canned answer
+        goes out without the application — no task, no body parsing — and the connection stays
+        open, so a refused client does not come back with a new connection."""
+        started = time.perf_counter()
+        close = not request.keep_alive or self.server._draining
+        data = response_head(refusal.status, refusal.headers, content_length=len(refusal.body),
+                             close=close) + refusal.body
+        try:
+            await self.write(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        finally:
+            if self.server.access_log:
+                log_access(request.method, request.target.decode("latin-1"), refusal.status,
+                           len(data), started, self.client)
+        return not close
 
     async def _internal_error(self, exchange: Exchange) -> None:
         exchange.status = 500

@@ -62,6 +62,15 @@ def request_id_of(headers: Headers) -> str | None:
     return None
 
 
+@attrs.frozen
+class Refusal:
+    """A whole answer given without the application (the server's admission hook)."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
 class RequestReader:
     """Feed bytes with ``feed``; take finished requests with ``next_request``.
 

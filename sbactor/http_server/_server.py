@@ -16,6 +16,8 @@ for the client leaving, as ASGI's ``http.disconnect`` (``_exchange``).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -25,10 +27,11 @@ import trio
 from sbactor.http_server._access import log_access, request_line
 from sbactor.http_server._connection import Connection, address, send_within
 from sbactor.http_server._exchange import READ_SIZE, ASGIApp
-from sbactor.http_server._parse import error_response
+from sbactor.http_server._parse import Refusal, Request, error_response
 
 log = logging.getLogger("sbactor.http")
 
+_ACCEPT_BURST = 256  # connections taken per wake-up of the accept loop
 _MAX_REFUSING = 512  # over-cap connections answered 503 at once; beyond, closed unanswered
 _LINGER_LIMIT = 1 << 20  # request bytes read and dropped after an early error answer
 
@@ -41,6 +44,7 @@ class ServerLimits:
     keep_alive_s: float = 75.0  # idle time between requests before we close
     request_read_s: float = 30.0  # from a request's first byte to its last
     write_timeout_s: float = 30.0  # for each ≤ 64 KiB of a response to be taken by the client
+    evict_idle_after_s: float = 2.0  # at the cap, only a connection idle this long makes room
 
 
 @attrs.frozen
@@ -57,6 +61,9 @@ class HttpServer:
     app: ASGIApp
     limits: ServerLimits = attrs.field(factory=ServerLimits)
     access_log: bool = False
+    #: called with each parsed request before the app: a ``Refusal`` is answered at once
+    #: (load shedding that costs no application work), None lets the request through
+    admission: Callable[[Request], Refusal | None] | None = None
     _connections: set[Connection] = attrs.field(factory=set, init=False)
     # idle connections (``Connection``'s doc), the longest idle first: closed to make room
     _idle: dict[Connection, None] = attrs.field(factory=dict, init=False)
@@ -125,29 +132,54 @@ class HttpServer:
                 log.warning("shutdown grace over", extra={"connections": len(self._connections)})
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                log.warning("accept failed", extra={"error": str(exc)})
-                await trio.sleep(0.1)
-                continue
-            open_ = len(self._connections) - self._evicting
-            if open_ >= self.limits.max_connections and not self._evict_idle():
-                self._refused += 1
-                if self._refusing < _MAX_REFUSING:
-                    nursery.start_soon(self._refuse, stream)
-                else:  # a storm beyond even that: drop at once, spend nothing
-                    await _close(stream)
-                continue
-            connection = Connection(self, stream)
-            self._connections.add(connection)
-            nursery.start_soon(self._run_connection, connection)
+        """Accept in bursts: ``listener.accept()`` yields to the scheduler after every
+        connection, so with hundreds of busy connection tasks the gateway accepted one
+        connection per scheduler pass — a storm then waited in the kernel's backlog until
+        clients timed out, instead of getting its quick 503. Here every wake-up takes all that
+        is waiting (up to a bound), from a duplicate of the listening socket's descriptor."""
+        raw = socket.socket(fileno=os.dup(listener.socket.fileno()))
+        raw.setblocking(False)
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(raw)
+                for _ in range(_ACCEPT_BURST):
+                    try:
+                        sock, _address = raw.accept()
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                        log.warning("accept failed", extra={"error": str(exc)})
+                        await trio.sleep(0.1)
+                        break
+                    self._admit(sock, nursery)
+        finally:
+            raw.close()
+
+    def _admit(self, sock: socket.socket, nursery: trio.Nursery) -> None:
+        open_ = len(self._connections) - self._evicting
+        if open_ >= self.limits.max_connections and not self._evict_idle():
+            self._refused += 1
+            if self._refusing >= _MAX_REFUSING:  # a storm beyond even that: spend nothing
+                sock.close()
+                return
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            nursery.start_soon(self._refuse, stream)
+            return
+        connection = Connection(self, trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+        self._connections.add(connection)
+        nursery.start_soon(self._run_connection, connection)
 
     def _evict_idle(self) -> bool:
-        """Close the longest-idle connection to make room for a new one; False if none is."""
+        """Close the longest-idle connection to make room for a new one; False if none has
+        been idle for ``evict_idle_after_s``. Under a storm every keep-alive connection is idle
+        for a moment between its requests: evicting those would close connections that are
+        about to be used (the client's next request then meets a closed socket), so a storm's
+        new connections get the cheap 503 instead, and the clients already in keep their
+        connections."""
         connection = next(iter(self._idle), None)
         if connection is None:
+            return False
+        if trio.current_time() - connection.idle_since < self.limits.evict_idle_after_s:
             return False
         connection.evicted = True
         self._evicting += 1

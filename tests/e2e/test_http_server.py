@@ -730,10 +730,32 @@ async def test_connection_cap_refuses_with_503_then_recovers(nursery: trio.Nurse
         assert served.server.statistics().refused_connections == 1
 
 
+async def test_at_the_cap_a_connection_idle_only_briefly_is_kept(nursery: trio.Nursery) -> None:
+    """Under a storm every keep-alive connection is idle for a moment between requests; closing
+    those would break clients already in. A newcomer gets the 503 until one has been idle for
+    ``evict_idle_after_s``."""
+    served = await serve(nursery, App(), max_connections=1, evict_idle_after_s=0.3)
+    with trio.fail_after(5):
+        regular = await served.connect()
+        await regular.send(get("/echo"))
+        assert (await regular.read_response()).status == 200
+        newcomer = await served.connect()
+        await newcomer.send(get("/echo?new"))
+        refused = await newcomer.read_response()
+        assert (refused.status, refused.get("retry-after")) == (503, "1")
+        await regular.send(get("/echo?again"))  # the client already in is not disturbed
+        assert (await regular.read_response()).status == 200
+        await trio.sleep(0.35)  # now idle long enough to make room
+        later = await served.connect()
+        await later.send(get("/echo?later"))
+        assert (await later.read_response()).status == 200
+        assert await regular.closed()
+
+
 async def test_at_the_cap_the_longest_idle_connection_makes_room(nursery: trio.Nursery) -> None:
     """Idle keep-alive connections (a client's pool) do not lock new clients out: at the cap,
     the connection idle the longest is closed for the new one, which is served, not 503."""
-    served = await serve(nursery, App(), max_connections=2)
+    served = await serve(nursery, App(), max_connections=2, evict_idle_after_s=0.0)
     with trio.fail_after(5):
         first, second = await served.connect(), await served.connect()
         for client in (second, first):  # first is used last: second has been idle longest

@@ -41,11 +41,17 @@ async def test_a_lagging_gateway_sheds_new_requests_with_503(
     gw = await start_gateway(cfg)
     assert (await gw.chat("hi")).status_code == 200
     gw.gateway.loop_lag.lag_s = 5.0  # as measured under saturation
+    # below the floor (max_in_flight // 8, at least 4) requests are still served: they are
+    # the goodput a storm of refusals must not starve
+    assert gw.gateway.lag_shed_floor == 128
+    assert (await gw.chat("hi")).status_code == 200
+    gw.gateway.in_flight += 128  # as if 128 other requests were being served
     r = await gw.chat("hi")
+    gw.gateway.in_flight -= 128
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "overloaded"
     assert r.headers["retry-after"] == "1"
-    assert len(mock_upstream.received()) == 1  # refused before any upstream call
+    assert len(mock_upstream.received()) == 2  # refused before any upstream call
 
 
 async def test_overload_example_serves_and_refuses_past_the_connection_cap(
