@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,7 @@ _WRITE_SLICE = 65536  # write_timeout_s bounds each slice: progress, not a whole
 class Connection:
     server: HttpServer
     stream: trio.SocketStream
+    raw: socket.socket | None = None  # the same socket, for the write fast path
     evicted: bool = False  # closed while idle to make room at the connection cap
     idle_since: float = 0.0  # when it last began waiting for a request
     _idle_wait: trio.CancelScope | None = None  # set while idle: cancelling it closes
@@ -94,11 +96,27 @@ class Connection:
     async def write(self, data: bytes) -> None:
         """Send ``data`` whole, each slice of it within ``write_timeout_s``; a client that does
         not read that long is gone: the stream is closed (waking a ``receive`` waiting on it)
-        and ``BrokenResourceError`` raised."""
+        and ``BrokenResourceError`` raised.
+
+        Fast path: almost every write fits in the kernel's send buffer, so it is tried once
+        without blocking and without a timeout scope (a cancel scope per write cost the mock
+        upstream a fifth of its CPU on streams); only what does not fit takes the timed path.
+        """
+        sent = 0
+        if self.raw is not None:
+            try:
+                sent = self.raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"send failed: {exc}") from None
+            if sent == len(data):
+                await trio.lowlevel.cancel_shielded_checkpoint()  # a write is a checkpoint
+                return
         stream = self.stream
         seconds = self.server.limits.write_timeout_s
         with memoryview(data) as view:
-            for start in range(0, len(view), _WRITE_SLICE):
+            for start in range(sent, len(view), _WRITE_SLICE):
                 with trio.move_on_after(seconds) as timeout:
                     await stream.send_all(view[start : start + _WRITE_SLICE])
                 if timeout.cancelled_caught:

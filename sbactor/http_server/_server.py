@@ -165,7 +165,8 @@ class HttpServer:
             stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
             nursery.start_soon(self._refuse, stream)
             return
-        connection = Connection(self, trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        connection = Connection(self, stream, raw=sock)
         self._connections.add(connection)
         nursery.start_soon(self._run_connection, connection)
 
