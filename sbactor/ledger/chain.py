@@ -69,10 +69,21 @@ def normalize_event(value: Any) -> Any:
     return normalize_event(str(value))
 
 
+_second_cache: list[Any] = [None, ""]  # [whole second, its "YYYY-MM-DDTHH:MM:SS" prefix]
+
+
 def rfc3339(timestamp: float) -> str:
-    """UTC, microseconds, ``Z`` suffix: fixed width so the bytes never vary by locale."""
-    moment = dt.datetime.fromtimestamp(timestamp, tz=dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC, microseconds, ``Z`` suffix: fixed width so the bytes never vary by locale.
+
+    Every usage event and ledger entry is stamped, so the date part is formatted once per
+    second and only the microseconds per call (strftime per call was ~1 % of gateway CPU).
+    """
+    second = math.floor(timestamp)
+    micros = min(999_999, round((timestamp - second) * 1_000_000))
+    if _second_cache[0] != second:
+        moment = dt.datetime.fromtimestamp(second, tz=dt.UTC)
+        _second_cache[0], _second_cache[1] = second, moment.strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second_cache[1]}.{micros:06d}Z"
 
 
 # ---- hashing ----------------------------------------------------------------------------------

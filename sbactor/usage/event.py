@@ -6,16 +6,18 @@ same event, so what the ledger proves is exactly what the gateway billed and lea
 
 from __future__ import annotations
 
-import datetime as dt
+import time
 from typing import Any, Literal
 
 import attrs
+
+from sbactor.ledger.chain import rfc3339
 
 EventKind = Literal["completion", "refusal", "error", "feedback"]
 
 
 def utc_now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return rfc3339(time.time())
 
 
 @attrs.frozen

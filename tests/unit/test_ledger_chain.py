@@ -135,3 +135,14 @@ def test_config_validation() -> None:
         LedgerSinkConfig(on_full="drop")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=">= 1"):
         LedgerSinkConfig(mailbox=0)
+
+
+def test_rfc3339_matches_datetime_across_seconds_and_rounding() -> None:
+    import datetime as dt
+
+    for t in (0.0, 0.5, 1.9999994, 1.9999996, 59.000001, 1_796_300_000.123456,
+              1_796_300_000.999_999_7, 1_796_300_001.0):
+        stamp = rfc3339(t)
+        assert len(stamp) == 27 and stamp.endswith("Z")
+        parsed = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+        assert abs(parsed.timestamp() - t) < 2e-6, (t, stamp)
