@@ -268,25 +268,18 @@ class BudgetTracker(Actor):
         log.warning("budget tracker restarted after an error: %s", self.statistics().last_error)
 
     def handle_now(self, message: Any) -> Any:
+        # pure book arithmetic, no await: safe to run in the caller when the tracker is idle
         if type(message) is PreflightRequest:
-            return self._preflight(message)  # pure book arithmetic: no await, safe inline
+            return self._preflight(message)
+        if type(message) is Reconcile:
+            return self._reconcile(message)
         raise NotInline
 
     async def handle(self, message: Any) -> Any:
         if isinstance(message, PreflightRequest):
             return self._preflight(message)
         if isinstance(message, Reconcile):
-            now = self._now()
-            if self._book.reconcile(
-                message.request_id,
-                message.actual_cost_usd,
-                message.actual_tokens,
-                now,
-                message.scopes,
-            ):
-                self._dirty = True
-            self._limiter.adjust(message.request_id, message.actual_tokens, now)
-            return None
+            return self._reconcile(message)
         if isinstance(message, AdminSnapshot):
             return self._book.admin(self._now())
         if isinstance(message, _Tick):
@@ -297,6 +290,18 @@ class BudgetTracker(Actor):
             await self._save(force=False)
             return None
         raise TypeError(f"budget tracker: unexpected message {message!r}")
+
+    def _reconcile(self, message: Reconcile) -> None:
+        now = self._now()
+        if self._book.reconcile(
+            message.request_id,
+            message.actual_cost_usd,
+            message.actual_tokens,
+            now,
+            message.scopes,
+        ):
+            self._dirty = True
+        self._limiter.adjust(message.request_id, message.actual_tokens, now)
 
     def _preflight(self, req: PreflightRequest) -> PreflightResult:
         now = self._now()

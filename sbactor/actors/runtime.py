@@ -162,7 +162,23 @@ class Actor:
             await self.cast(message)
 
     def cast_nowait(self, message: Any) -> None:
-        """Like ``cast`` but raises ``trio.WouldBlock`` when the mailbox is full."""
+        """Like ``cast`` but raises ``trio.WouldBlock`` when the mailbox is full. An idle actor
+        with a ``handle_now`` for the message handles it at once (see ``call``); an error there
+        is counted and logged, as supervision would, never raised to the sender."""
+        if self._idle and not self._closed and self.supervision is Supervision.RESTART:
+            try:
+                self.handle_now(message)
+            except NotInline:
+                pass
+            except Exception as exc:
+                self._errors += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("actor %s failed handling a message inline", self.name)
+                return
+            else:
+                self._processed += 1
+                self._inlined += 1
+                return
         try:
             self._send.send_nowait(_Envelope(message, None))
         except (trio.ClosedResourceError, trio.BrokenResourceError):

@@ -515,3 +515,18 @@ async def test_a_cancelled_caller_never_runs_the_inline_handler() -> None:
         assert scope.cancelled_caught
         assert actor.seen == [] and actor.statistics().inlined == 0
         await actor.stop()
+
+
+async def test_cast_to_an_idle_actor_runs_handle_now_and_never_raises_its_error() -> None:
+    async with trio.open_nursery() as nursery:
+        actor = await _started(Inliner("inl"), nursery)
+        actor.cast_nowait("now-a")  # handled before cast_nowait returns
+        assert actor.seen == ["now-a"] and actor.statistics().inlined == 1
+        actor.cast_nowait("now-boom")  # the sender is not the one to hear of it
+        stats = actor.statistics()
+        assert stats.errors == 1 and "inline boom" in (stats.last_error or "")
+        actor.cast_nowait("queued")  # NotInline: through the mailbox, handled later
+        assert actor.seen == ["now-a"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert actor.seen == ["now-a", "queued"]
+        await actor.stop()
