@@ -336,7 +336,7 @@ class Gateway:
         if not usable:
             usable = allowed  # everything cools down: better to try than to refuse outright
         try:
-            return self.feedback.route(model, self.models[model].routing, usable)
+            return self.feedback.route(model, self.models[model].routing, usable, note=False)
         except NoCandidates:
             return None
 

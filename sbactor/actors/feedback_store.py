@@ -217,12 +217,17 @@ class FeedbackStore(Actor):
         """Count a routing choice toward the model's share-of-traffic window."""
         self._shares.note(model, deployment_id)
 
-    def route(self, model: str, strategy: str, candidates: Sequence[Candidate]) -> Candidate:
-        """Choose a deployment with the current stats and note the choice (sync, no round trip).
+    def route(
+        self, model: str, strategy: str, candidates: Sequence[Candidate], *, note: bool = True
+    ) -> Candidate:
+        """Choose a deployment with the current stats (sync, no round trip); ``note`` counts the
+        choice toward the share of traffic (the gateway notes attempts instead, so a request
+        the policy blocks after routing is no traffic).
 
         Raises ``NoCandidates`` when ``candidates`` is empty."""
         chosen = self._router.pick(model, strategy, candidates, self._stats, self.clock())
-        self.note_choice(model, chosen.deployment_id)
+        if note:
+            self.note_choice(model, chosen.deployment_id)
         return chosen
 
     def routing_view(

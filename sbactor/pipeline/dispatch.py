@@ -108,6 +108,7 @@ def _record(
     failure: Failure | None,
 ) -> None:
     now = trio.current_time()
+    gateway.feedback.note_choice(step.model, candidate.deployment_id)  # traffic it really got
     planner.record(candidate.deployment_id, step.model, failure, now, provider=candidate.provider)
     if failure is None:
         gateway.cooldowns.record_success(candidate.deployment_id, now)

@@ -535,3 +535,21 @@ async def test_feedback_only_from_the_key_that_asked(
     mine = await gw.client.post("/v1/feedback", json=body,
                                 headers={"authorization": f"Bearer {alice}"})
     assert mine.status_code == 200 and mine.json()["status"] == "applied"
+
+
+async def test_a_request_the_policy_blocks_is_no_traffic_share(
+    start_gateway: StartGateway, mock_upstream: MockUpstream
+) -> None:
+    """Routing runs before the policy (which sees ``ai.route``); the share of traffic counts
+    attempts, so a blocked request is counted for no deployment."""
+    cfg = _two_on_one(mock_upstream, "round_robin",
+                      policy={"expression": 'ai.tokens.max_output == 7 ? "block" : "allow"'})
+    gw = await start_gateway(cfg)
+    for _ in range(3):
+        r = await gw.chat("blocked", max_tokens=7)
+        assert r.status_code == 403, r.text
+    assert (await gw.chat("served")).status_code == 200
+    model = _model_view(await _routing(gw))
+    assert model["recent_choices"] == 1
+    assert sorted(d["share"] for d in model["deployments"]) == [0.0, 1.0]
+    assert len(mock_upstream.received()) == 1
