@@ -83,6 +83,7 @@ def worker_main() -> None:
         statuses: dict[str, int] = {}
         timeouts = 0
         failures = 0
+        failure_kinds: dict[str, int] = {}
         dropped = 0
         sent = 0
         done_all = 0
@@ -150,9 +151,11 @@ def worker_main() -> None:
                         if not data:
                             raise trio.BrokenResourceError("closed before the response ended")
                         parser.feed_data(data)
-            except (OSError, trio.BrokenResourceError, httptools.HttpParserError):
+            except (OSError, trio.BrokenResourceError, httptools.HttpParserError) as exc:
                 if measure_from <= now() <= deadline:
                     failures += 1
+                    kind = f"{type(exc).__name__}: {exc}"[:60]
+                    failure_kinds[kind] = failure_kinds.get(kind, 0) + 1
                 if conn is not None:
                     with trio.CancelScope(shield=True):
                         await conn.aclose()
@@ -236,6 +239,7 @@ def worker_main() -> None:
         ended = now()
         return {"lat": [round(x, 3) for x in lat], "ttfb": [round(x, 3) for x in ttfb],
                 "statuses": statuses, "timeouts": timeouts, "failures": failures,
+                "failure_kinds": failure_kinds,
                 "dropped": dropped, "sent": sent, "done_all": done_all,
                 "elapsed": max(1e-9, min(ended, deadline) - max(started, measure_from)),
                 "tail_s": max(0.0, ended - deadline),
@@ -542,6 +546,8 @@ def measure(clients: Clients, server: Server, cmd: dict[str, Any],
         + sum(r["timeouts"] + r["failures"] for r in results),
         "timeouts": sum(r["timeouts"] for r in results),
         "failures": sum(r["failures"] for r in results),
+        "failure_kinds": {k: sum(r.get("failure_kinds", {}).get(k, 0) for r in results)
+                          for r0 in results for k in r0.get("failure_kinds", {})},
         "dropped": sum(r["dropped"] for r in results),
         "sent": sum(r["sent"] for r in results),
         "server_cpu_s": cpu1 - cpu0, "wall_s": wall,
@@ -756,7 +762,8 @@ def run_overload(args: argparse.Namespace, server: Server, clients: Clients,
           f"p99 {pct(over['lat'], .99):.0f} ms)")
     print(f"  shed 503/429                      {shed:8d}  {dict(sorted(st.items()))}")
     print(f"  client timeouts                   {over['timeouts']:8d}")
-    print(f"  connection errors                 {over['failures']:8d}")
+    print(f"  connection errors                 {over['failures']:8d}  "
+          f"{dict(sorted(over['failure_kinds'].items(), key=lambda kv: -kv[1])[:3])}")
     print(f"  gateway RSS before/after/peak MB  {rss_before:.1f} / {rss_after:.1f} / "
           f"{over['server_rss_peak_kb'] / 1024:.1f}")
     print(f"  recovery c=32: {rec['n'] / rec['elapsed']:.0f} req/s, errors {rec['errors']}")

@@ -73,6 +73,11 @@ class _ServerCollector(Collector):
             value=stats.refused_connections,
         )
         yield CounterMetricFamily(
+            "sbactor_http_evicted_connections",
+            "Idle keep-alive connections closed to make room at server.max_connections",
+            value=stats.evicted_connections,
+        )
+        yield CounterMetricFamily(
             "sbactor_http_requests",
             "Requests the HTTP server passed to the application",
             value=stats.requests,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -47,7 +48,7 @@ _WRITE_SLICE = 65536  # write_timeout_s bounds each slice: progress, not a whole
 class Connection:
     server: HttpServer
     stream: trio.SocketStream
-    raw: socket.socket | None = None  # the same socket, for the write fast path
+    raw: socket.socket | None = None  # the same socket, to poll it without reading
     evicted: bool = False  # closed while idle to make room at the connection cap
     idle_since: float = 0.0  # when it last began waiting for a request
     _idle_wait: trio.CancelScope | None = None  # set while idle: cancelling it closes
@@ -76,6 +77,15 @@ class Connection:
             if not keep_alive or self.server._draining or self.evicted:
                 return
 
+    def has_unread_bytes(self) -> bool:
+        """Something is waiting in the socket (or closed by the client): one poll, no read."""
+        sock = self.raw
+        if sock is None or sock.fileno() < 0:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+
     def close_if_idle(self) -> bool:
         """Close now if idle (see the module's doc); False when busy, which closes nothing."""
         if self._idle_wait is None:
@@ -98,25 +108,15 @@ class Connection:
         not read that long is gone: the stream is closed (waking a ``receive`` waiting on it)
         and ``BrokenResourceError`` raised.
 
-        Fast path: almost every write fits in the kernel's send buffer, so it is tried once
-        without blocking and without a timeout scope (a cancel scope per write cost the mock
-        upstream a fifth of its CPU on streams); only what does not fit takes the timed path.
+        (A fast path that first tried one non-blocking ``send`` on the raw socket, outside
+        trio, saved the streaming mock ~20 % of its CPU but made thousands of clients see their
+        connection closed before the response under the 4x overload run; reverted until
+        understood — see benchmarks/README.md, "Overload".)
         """
-        sent = 0
-        if self.raw is not None:
-            try:
-                sent = self.raw.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"send failed: {exc}") from None
-            if sent == len(data):
-                await trio.lowlevel.cancel_shielded_checkpoint()  # a write is a checkpoint
-                return
         stream = self.stream
         seconds = self.server.limits.write_timeout_s
         with memoryview(data) as view:
-            for start in range(sent, len(view), _WRITE_SLICE):
+            for start in range(0, len(view), _WRITE_SLICE):
                 with trio.move_on_after(seconds) as timeout:
                     await stream.send_all(view[start : start + _WRITE_SLICE])
                 if timeout.cancelled_caught:

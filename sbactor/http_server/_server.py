@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -25,14 +26,16 @@ import attrs
 import trio
 
 from sbactor.http_server._access import log_access, request_line
-from sbactor.http_server._connection import Connection, address, send_within
+from sbactor.http_server._connection import Connection, address
 from sbactor.http_server._exchange import READ_SIZE, ASGIApp
 from sbactor.http_server._parse import Refusal, Request, error_response
 
 log = logging.getLogger("sbactor.http")
 
 _ACCEPT_BURST = 256  # connections taken per wake-up of the accept loop
-_MAX_REFUSING = 512  # over-cap connections answered 503 at once; beyond, closed unanswered
+_MAX_PENDING_REFUSALS = 4096  # over-cap connections waiting for their request; beyond: closed
+_REFUSAL_WAIT_S = 5.0  # an over-cap connection that sends nothing in this long is closed
+_SWEEP_INTERVAL_S = 0.01
 _LINGER_LIMIT = 1 << 20  # request bytes read and dropped after an early error answer
 
 
@@ -52,6 +55,13 @@ class ServerStatistics:
     connections: int  # open now
     refused_connections: int  # over the connection cap, since the start
     requests: int  # passed to the application, since the start
+    evicted_connections: int = 0  # idle ones closed to make room at the cap, since the start
+
+
+def _cap_refusal() -> bytes:
+    """The 503 at the connection cap (a fresh request id each time)."""
+    message = "the gateway is at its connection limit; retry shortly"
+    return error_response(503, message, extra=[(b"retry-after", b"1")])
 
 
 @attrs.define(eq=False)
@@ -69,35 +79,80 @@ class HttpServer:
     _idle: dict[Connection, None] = attrs.field(factory=dict, init=False)
     _evicting: int = attrs.field(default=0, init=False)  # closed to make room, not yet gone
     _refused: int = attrs.field(default=0, init=False)
-    _refusing: int = attrs.field(default=0, init=False)  # refusals being answered now
+    _evicted: int = attrs.field(default=0, init=False)
+    # over-cap connections whose request has not arrived yet: fd -> (socket, give-up time)
+    _pending_refusals: dict[int, tuple[socket.socket, float]] = attrs.field(
+        factory=dict, init=False
+    )
+    _refusals_waiting: trio.Event = attrs.field(factory=trio.Event, init=False)
     _requests: int = attrs.field(default=0, init=False)
     _draining: bool = attrs.field(default=False, init=False)
     _all_closed: trio.Event = attrs.field(factory=trio.Event, init=False)
 
-    async def _refuse(self, stream: trio.SocketStream) -> None:
-        """Over the connection cap: a canned 503 that never reaches the application."""
-        self._refusing += 1
+    def _refuse_at_once(self, sock: socket.socket) -> bool:
+        """Over the cap, when the request is already in the socket (the usual case in a storm:
+        clients send right after connecting): read it, write the 503, close — no task, no
+        scheduling round. Reading first matters: closing with unread bytes makes the kernel
+        send RST, which can make the client drop the answer. False: nothing to read yet."""
         started = time.perf_counter()
+        sock.setblocking(False)
         try:
-            request = b""
-            with trio.move_on_after(1.0):
-                request = await stream.receive_some(READ_SIZE)
-            message = "the gateway is at its connection limit; retry shortly"
-            sent = await send_within(
-                stream, error_response(503, message, extra=[(b"retry-after", b"1")])
-            )
+            request = sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError:
+            sock.close()
+            return True
+        sent = 0
+        if request:
+            try:
+                sent = sock.send(_cap_refusal())
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
             if self.access_log:
                 method, path = request_line(request)
-                client = address(stream.socket.getpeername)
-                log_access(method, path, 503, sent, started, client)
-            await linger_close(stream, seconds=0.5)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await _close(stream)
-        finally:
-            self._refusing -= 1
+                log_access(method, path, 503, sent, started, address(sock.getpeername))
+        sock.close()
+        return True
+
+    def _refuse_later(self, sock: socket.socket) -> None:
+        """Over the cap, with the request not in the socket yet: one sweeper task answers it
+        when it arrives (a task per refusal piled up by the thousand in a storm)."""
+        pending = self._pending_refusals
+        if len(pending) >= _MAX_PENDING_REFUSALS:  # a storm beyond even that: spend nothing
+            _fd, (oldest, _deadline) = next(iter(pending.items()))
+            del pending[_fd]
+            oldest.close()
+        pending[sock.fileno()] = (sock, trio.current_time() + _REFUSAL_WAIT_S)
+        self._refusals_waiting.set()
+
+    async def _sweep_refusals(self) -> None:
+        """Answer pending refusals whose request has arrived; close those that sent nothing."""
+        pending = self._pending_refusals
+        while True:
+            if not pending:
+                self._refusals_waiting = trio.Event()
+                await self._refusals_waiting.wait()
+            await trio.sleep(_SWEEP_INTERVAL_S)
+            poller = select.poll()
+            for fd in pending:
+                poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+            for fd, _events in poller.poll(0):
+                sock, _deadline = pending.pop(fd)
+                if not self._refuse_at_once(sock):
+                    sock.close()
+            now = trio.current_time()
+            for fd, (sock, deadline) in list(pending.items()):
+                if deadline > now:
+                    break  # insertion order is deadline order
+                del pending[fd]
+                sock.close()
 
     def statistics(self) -> ServerStatistics:
-        return ServerStatistics(len(self._connections), self._refused, self._requests)
+        return ServerStatistics(
+            len(self._connections), self._refused, self._requests, self._evicted
+        )
 
     async def serve(
         self,
@@ -111,9 +166,13 @@ class HttpServer:
             async with trio.open_nursery() as acceptors:
                 for listener in listeners:
                     acceptors.start_soon(self._accept_loop, listener, connections)
+                acceptors.start_soon(self._sweep_refusals)
                 task_status.started()
                 await shutdown_trigger()
                 acceptors.cancel_scope.cancel()  # stop accepting; open connections go on
+            for sock, _deadline in self._pending_refusals.values():
+                sock.close()
+            self._pending_refusals.clear()
             for listener in listeners:
                 await listener.aclose()
             await self._drain(grace_s)
@@ -159,11 +218,8 @@ class HttpServer:
         open_ = len(self._connections) - self._evicting
         if open_ >= self.limits.max_connections and not self._evict_idle():
             self._refused += 1
-            if self._refusing >= _MAX_REFUSING:  # a storm beyond even that: spend nothing
-                sock.close()
-                return
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-            nursery.start_soon(self._refuse, stream)
+            if not self._refuse_at_once(sock):
+                self._refuse_later(sock)
             return
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         connection = Connection(self, stream, raw=sock)
@@ -177,14 +233,19 @@ class HttpServer:
         about to be used (the client's next request then meets a closed socket), so a storm's
         new connections get the cheap 503 instead, and the clients already in keep their
         connections."""
-        connection = next(iter(self._idle), None)
-        if connection is None:
-            return False
-        if trio.current_time() - connection.idle_since < self.limits.evict_idle_after_s:
-            return False
-        connection.evicted = True
-        self._evicting += 1
-        return connection.close_if_idle()
+        oldest_allowed = trio.current_time() - self.limits.evict_idle_after_s
+        for connection in self._idle:  # the longest idle first
+            if connection.idle_since > oldest_allowed:
+                return False
+            if connection.has_unread_bytes():
+                # its next request is in the socket, not yet read (the loop is busy): closing
+                # now would drop a request the client already sent — it is not idle
+                continue
+            connection.evicted = True
+            self._evicting += 1
+            self._evicted += 1
+            return connection.close_if_idle()
+        return False
 
     async def _run_connection(self, connection: Connection) -> None:
         try:
