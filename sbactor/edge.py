@@ -85,6 +85,7 @@ class Edge:
         self.gateway = gateway
         self.fallback = fallback
         self.max_body = gateway.config.server.max_body_bytes
+        self._metric_children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -122,9 +123,18 @@ class Edge:
         await self._send(send, reply)
 
     def _observe(self, route: str, status_code: int, started: float) -> None:
-        status = str(status_code)
-        self.gateway.metrics.requests.labels(route, status).inc()
-        self.gateway.metrics.latency.labels(route, status).observe(time.perf_counter() - started)
+        key = (route, status_code)
+        children = self._metric_children.get(key)
+        if children is None:  # ``labels()`` validates and locks on every call: look up once
+            metrics, status = self.gateway.metrics, str(status_code)
+            children = (
+                metrics.requests.labels(route, status),
+                metrics.latency.labels(route, status),
+            )
+            if len(self._metric_children) < 256:  # routes x statuses: small, but bounded
+                self._metric_children[key] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
 
     async def _read_body(self, receive: Receive, headers: dict[str, str]) -> bytes:
         declared = headers.get("content-length")
