@@ -51,7 +51,31 @@ def normalize_event(value: Any) -> Any:
 
     Keys become strings (so sorting is by code point), tuples become lists, non-finite floats
     become null, lone surrogates become U+FFFD and unknown objects their ``str()``.
+
+    Every ledger entry goes through this, so the exact built-in types (all an event holds in
+    practice) take a fast path — ASCII strings need no surrogate check; anything else goes to
+    the general version below, which defines the result.
     """
+    tp = type(value)
+    if tp is str:
+        return value if value.isascii() else _normalize_general(value)
+    if tp is dict:
+        return {
+            (k if type(k) is str and k.isascii() else _normalize_general(str(k))): (
+                normalize_event(v)
+            )
+            for k, v in value.items()
+        }
+    if value is None or tp is bool or tp is int:
+        return value
+    if tp is float:
+        return value if math.isfinite(value) else None
+    if tp is list or tp is tuple:
+        return [normalize_event(v) for v in value]
+    return _normalize_general(value)
+
+
+def _normalize_general(value: Any) -> Any:
     if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, str):
@@ -63,10 +87,10 @@ def normalize_event(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
-        return {normalize_event(str(k)): normalize_event(v) for k, v in value.items()}
+        return {_normalize_general(str(k)): _normalize_general(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [normalize_event(v) for v in value]
-    return normalize_event(str(value))
+        return [_normalize_general(v) for v in value]
+    return _normalize_general(str(value))
 
 
 _second_cache: list[Any] = [None, ""]  # [whole second, its "YYYY-MM-DDTHH:MM:SS" prefix]

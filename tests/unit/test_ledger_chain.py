@@ -146,3 +146,42 @@ def test_rfc3339_matches_datetime_across_seconds_and_rounding() -> None:
         assert len(stamp) == 27 and stamp.endswith("Z")
         parsed = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
         assert abs(parsed.timestamp() - t) < 2e-6, (t, stamp)
+
+
+def test_normalize_fast_path_equals_the_general_definition() -> None:
+    """The fast path for exact built-in types must give exactly what the general version gives
+    (it defines the bytes every verifier recomputes), on nested random events too."""
+    import random
+    from collections import OrderedDict
+    from enum import IntEnum
+
+    from sbactor.ledger.chain import _normalize_general
+
+    class Level(IntEnum):
+        HIGH = 3
+
+    class Tag(str):
+        pass
+
+    atoms = [None, True, False, 0, -7, 2**70, 1.5, float("nan"), float("-inf"), "ascii",
+             "é ü 漢字", "bad\udc80", "", Level.HIGH, Tag("t"), object, b"bytes", ("x", 1.0)]
+
+    def build(rng: random.Random, depth: int) -> object:
+        if depth == 0 or rng.random() < 0.3:
+            return rng.choice(atoms)
+        kind = rng.choice(["dict", "list", "tuple", "odict"])
+        items = [build(rng, depth - 1) for _ in range(rng.randint(0, 4))]
+        if kind == "list":
+            return items
+        if kind == "tuple":
+            return tuple(items)
+        keys = [rng.choice(["k", "é", "\udc81", 1, 2.5, None, True, "k2", Level.HIGH])
+                for _ in items]
+        pairs = dict(zip(keys, items, strict=True))
+        return OrderedDict(pairs) if kind == "odict" else pairs
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        event = {"request_id": "r", "body": build(rng, 4)}
+        assert normalize_event(event) == _normalize_general(event)
+        assert canonical_json(normalize_event(event)) == canonical_json(_normalize_general(event))
