@@ -409,6 +409,25 @@ def start_gateway(name: str, config: Path, tmp: Path, mock_url: str) -> Server:
     return Server(name, proc, base + "/v1", log_path)
 
 
+def gateway_counters(server: Server, prefix: str = "sbactor_http_") -> dict[str, float]:
+    """The gateway's own counters from /metrics: what it says it did, beside what the
+    client saw."""
+    import urllib.request
+
+    url = server.url.removesuffix("/v1") + "/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+    except OSError as exc:
+        return {"error": str(exc)}  # type: ignore[dict-item]
+    counters = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            name, _, value = line.rpartition(" ")
+            counters[name.removeprefix(prefix).removesuffix("_total")] = float(value)
+    return counters
+
+
 def find_litellm(venv: str | None) -> str | None:
     if venv:
         exe = Path(venv) / "bin" / "litellm"
@@ -745,6 +764,7 @@ def run_overload(args: argparse.Namespace, server: Server, clients: Clients,
                                      "warmup": 0.0, "timeout": args.overload_timeout,
                                      "concurrency": 0}, split)
     rss_after = rss_kb(server.pids()) / 1024
+    counters = gateway_counters(server)
     progress("overload: recovery (closed loop c=32) …")
     rec = measure(clients, server, {**base_cmd, "duration": args.duration},
                   split_concurrency(32, args.clients))
@@ -766,6 +786,7 @@ def run_overload(args: argparse.Namespace, server: Server, clients: Clients,
           f"{dict(sorted(over['failure_kinds'].items(), key=lambda kv: -kv[1])[:3])}")
     print(f"  gateway RSS before/after/peak MB  {rss_before:.1f} / {rss_after:.1f} / "
           f"{over['server_rss_peak_kb'] / 1024:.1f}")
+    print(f"  gateway's own counters            {counters}")
     print(f"  recovery c=32: {rec['n'] / rec['elapsed']:.0f} req/s, errors {rec['errors']}")
     result["overload"] = {"saturation_rps": sat_rps, "asked_rps": rate, "offered_rps": offered,
                           "statuses": st, "timeouts": over["timeouts"],
@@ -773,6 +794,7 @@ def run_overload(args: argparse.Namespace, server: Server, clients: Clients,
                           "served_p99_ms": pct(over["lat"], .99),
                           "rss_before_mb": rss_before, "rss_after_mb": rss_after,
                           "rss_peak_mb": over["server_rss_peak_kb"] / 1024,
+                          "gateway_http_counters": counters,
                           "recovery_rps": rec["n"] / rec["elapsed"],
                           "recovery_errors": rec["errors"]}
 

@@ -78,6 +78,12 @@ class _ServerCollector(Collector):
             value=stats.evicted_connections,
         )
         yield CounterMetricFamily(
+            "sbactor_http_unanswered_refusals",
+            "Connections over server.max_connections closed without the 503 (sent no request "
+            "in 5 s, or too many waiting)",
+            value=stats.unanswered_refusals,
+        )
+        yield CounterMetricFamily(
             "sbactor_http_requests",
             "Requests the HTTP server passed to the application",
             value=stats.requests,

@@ -56,6 +56,9 @@ class ServerStatistics:
     refused_connections: int  # over the connection cap, since the start
     requests: int  # passed to the application, since the start
     evicted_connections: int = 0  # idle ones closed to make room at the cap, since the start
+    # over the cap and closed without the 503: no request within _REFUSAL_WAIT_S, or more
+    # waiting than _MAX_PENDING_REFUSALS (the client sees the connection close unanswered)
+    unanswered_refusals: int = 0
 
 
 def _cap_refusal() -> bytes:
@@ -80,6 +83,7 @@ class HttpServer:
     _evicting: int = attrs.field(default=0, init=False)  # closed to make room, not yet gone
     _refused: int = attrs.field(default=0, init=False)
     _evicted: int = attrs.field(default=0, init=False)
+    _unanswered: int = attrs.field(default=0, init=False)
     # over-cap connections whose request has not arrived yet: fd -> (socket, give-up time)
     _pending_refusals: dict[int, tuple[socket.socket, float]] = attrs.field(
         factory=dict, init=False
@@ -124,6 +128,7 @@ class HttpServer:
             _fd, (oldest, _deadline) = next(iter(pending.items()))
             del pending[_fd]
             oldest.close()
+            self._unanswered += 1
         pending[sock.fileno()] = (sock, trio.current_time() + _REFUSAL_WAIT_S)
         self._refusals_waiting.set()
 
@@ -148,10 +153,15 @@ class HttpServer:
                     break  # insertion order is deadline order
                 del pending[fd]
                 sock.close()
+                self._unanswered += 1
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
-            len(self._connections), self._refused, self._requests, self._evicted
+            len(self._connections),
+            self._refused,
+            self._requests,
+            self._evicted,
+            self._unanswered,
         )
 
     async def serve(

@@ -146,6 +146,34 @@ async def test_connection_cap_refuses_with_503_then_recovers(nursery: trio.Nurse
         assert served.server.statistics().refused_connections == 1
 
 
+async def test_over_the_cap_a_late_request_gets_its_503_and_silence_is_closed_and_counted(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An over-cap connection whose request is not in the socket at accept waits (no task of
+    its own) for the sweeper: a request that comes in time gets the 503; a connection that
+    stays silent is closed unanswered and counted, so an operator sees those hang-ups."""
+    from sbactor.http_server import _server
+
+    monkeypatch.setattr(_server, "_REFUSAL_WAIT_S", 0.3)
+    app = App()
+    served = await serve(nursery, app, max_connections=1)
+    with trio.fail_after(5):
+        busy = await served.connect()
+        await busy.send(get("/slow"))
+        await app.entered.wait()
+        late, silent = await served.connect(), await served.connect()
+        await trio.sleep(0.1)  # both accepted and waiting for their request
+        await late.send(get("/echo?late"))
+        refused = await late.read_response()
+        assert (refused.status, refused.get("connection")) == (503, "close")
+        assert await late.closed()
+        assert await silent.closed()  # after ~0.3 s with nothing sent: no answer, a close
+        stats = served.server.statistics()
+        assert (stats.refused_connections, stats.unanswered_refusals) == (2, 1)
+        app.release.set()
+        assert (await busy.read_response()).body == b"slow done"
+
+
 async def test_at_the_cap_a_connection_idle_only_briefly_is_kept(nursery: trio.Nursery) -> None:
     """Under a storm every keep-alive connection is idle for a moment between requests; closing
     those would break clients already in. A newcomer gets the 503 until one has been idle for
