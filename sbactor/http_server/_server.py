@@ -33,7 +33,12 @@ from sbactor.http_server._parse import Refusal, Request, error_response
 log = logging.getLogger("sbactor.http")
 
 _ACCEPT_BURST = 256  # connections taken per wake-up of the accept loop
-_MAX_PENDING_REFUSALS = 4096  # over-cap connections waiting for their request; beyond: closed
+# over-cap connections waiting for their request; beyond: closed unanswered. Each costs a file
+# descriptor and a few KiB of kernel memory, nothing on our heap to speak of. 4,096 was too few
+# at 4x saturation on this machine (an overloaded load generator connects long before it
+# writes): the overflow was exactly the connection errors its clients saw.
+_MAX_PENDING_REFUSALS = 16384
+_FD_RESERVE = 1024  # descriptors kept for the rest: upstream pools, ledger, logs, listeners
 _REFUSAL_WAIT_S = 5.0  # an over-cap connection that sends nothing in this long is closed
 _SWEEP_INTERVAL_S = 0.01
 _LINGER_LIMIT = 1 << 20  # request bytes read and dropped after an early error answer
@@ -57,7 +62,7 @@ class ServerStatistics:
     requests: int  # passed to the application, since the start
     evicted_connections: int = 0  # idle ones closed to make room at the cap, since the start
     # over the cap and closed without the 503: no request within _REFUSAL_WAIT_S, or more
-    # waiting than _MAX_PENDING_REFUSALS (the client sees the connection close unanswered)
+    # waiting than the descriptors allow (the client sees the connection close unanswered)
     unanswered_refusals: int = 0
 
 
@@ -88,7 +93,11 @@ class HttpServer:
     _pending_refusals: dict[int, tuple[socket.socket, float]] = attrs.field(
         factory=dict, init=False
     )
+    # the pending refusals' sockets, registered while they wait: one poll() per sweep, not one
+    # registration per socket per sweep (that was ~20 % of a core with thousands waiting)
+    _refusal_poller: select.poll = attrs.field(factory=select.poll, init=False)
     _refusals_waiting: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _max_pending: int = attrs.field(default=_MAX_PENDING_REFUSALS, init=False)
     _requests: int = attrs.field(default=0, init=False)
     _draining: bool = attrs.field(default=False, init=False)
     _all_closed: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -124,13 +133,19 @@ class HttpServer:
         """Over the cap, with the request not in the socket yet: one sweeper task answers it
         when it arrives (a task per refusal piled up by the thousand in a storm)."""
         pending = self._pending_refusals
-        if len(pending) >= _MAX_PENDING_REFUSALS:  # a storm beyond even that: spend nothing
-            _fd, (oldest, _deadline) = next(iter(pending.items()))
-            del pending[_fd]
-            oldest.close()
+        if len(pending) >= self._max_pending:  # a storm beyond even that: spend nothing
+            self._unpend(next(iter(pending))).close()
             self._unanswered += 1
         pending[sock.fileno()] = (sock, trio.current_time() + _REFUSAL_WAIT_S)
+        self._refusal_poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         self._refusals_waiting.set()
+
+    def _unpend(self, fd: int) -> socket.socket:
+        """Take a pending refusal out, unregistered before anyone closes it (a closed fd left
+        registered would report whatever socket reuses its number)."""
+        sock, _deadline = self._pending_refusals.pop(fd)
+        self._refusal_poller.unregister(fd)
+        return sock
 
     async def _sweep_refusals(self) -> None:
         """Answer pending refusals whose request has arrived; close those that sent nothing."""
@@ -140,19 +155,16 @@ class HttpServer:
                 self._refusals_waiting = trio.Event()
                 await self._refusals_waiting.wait()
             await trio.sleep(_SWEEP_INTERVAL_S)
-            poller = select.poll()
-            for fd in pending:
-                poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
-            for fd, _events in poller.poll(0):
-                sock, _deadline = pending.pop(fd)
+            for fd, _events in self._refusal_poller.poll(0):
+                sock = self._unpend(fd)
                 if not self._refuse_at_once(sock):
                     sock.close()
             now = trio.current_time()
-            for fd, (sock, deadline) in list(pending.items()):
+            while pending:
+                fd, (_sock, deadline) = next(iter(pending.items()))
                 if deadline > now:
                     break  # insertion order is deadline order
-                del pending[fd]
-                sock.close()
+                self._unpend(fd).close()
                 self._unanswered += 1
 
     def statistics(self) -> ServerStatistics:
@@ -172,6 +184,7 @@ class HttpServer:
         grace_s: float,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        self._size_for_open_files()
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as acceptors:
                 for listener in listeners:
@@ -180,13 +193,25 @@ class HttpServer:
                 task_status.started()
                 await shutdown_trigger()
                 acceptors.cancel_scope.cancel()  # stop accepting; open connections go on
-            for sock, _deadline in self._pending_refusals.values():
-                sock.close()
-            self._pending_refusals.clear()
+            for fd in list(self._pending_refusals):
+                self._unpend(fd).close()
             for listener in listeners:
                 await listener.aclose()
             await self._drain(grace_s)
             connections.cancel_scope.cancel()
+
+    def _size_for_open_files(self) -> None:
+        """Every connection and pending refusal is a file descriptor: raise the soft limit
+        toward the hard one if the cap needs it (the common soft default, 1,024, is below
+        ``max_connections``' default), and size the pending refusals to what is left."""
+        cap = self.limits.max_connections
+        limit = raise_open_files_limit(cap + _MAX_PENDING_REFUSALS + _FD_RESERVE)
+        self._max_pending = max(64, min(_MAX_PENDING_REFUSALS, limit - cap - _FD_RESERVE))
+        if limit < cap + _FD_RESERVE:
+            log.warning(
+                "open files limit below server.max_connections: accepts will fail before the cap",
+                extra={"open_files_limit": limit, "max_connections": cap},
+            )
 
     async def _drain(self, grace_s: float) -> None:
         """Idle connections close now; busy ones after their current response, and one with a
@@ -299,3 +324,20 @@ async def linger_close(stream: trio.SocketStream, *, seconds: float = 1.0) -> No
         pass
     finally:
         await _close(stream)
+
+
+def raise_open_files_limit(wanted: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to ``wanted`` (at most the hard limit); the soft limit now."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: nothing to raise, nothing we can tell
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return wanted if soft == resource.RLIM_INFINITY else soft
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft
+    return target

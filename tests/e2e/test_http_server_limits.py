@@ -300,3 +300,21 @@ async def test_http09_is_505_and_a_coding_besides_chunked_is_501(
         assert response.get("connection") == "close"
         assert await client.closed()
         assert app.calls == []
+
+
+def test_the_open_files_limit_is_raised_toward_the_hard_limit() -> None:
+    """The soft default (often 1,024) is below the connection cap's default; the server raises it
+    as far as the hard limit allows, and says what it got. In a child: limits are per process."""
+    import subprocess
+    import sys
+
+    script = """
+import resource
+from sbactor.http_server._server import raise_open_files_limit
+resource.setrlimit(resource.RLIMIT_NOFILE, (300, 600))
+print(raise_open_files_limit(450), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+print(raise_open_files_limit(5000), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+print(raise_open_files_limit(100), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:3] == ["450 450", "600 600", "600 600"]
