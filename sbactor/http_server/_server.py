@@ -209,7 +209,8 @@ class HttpServer:
         self._max_pending = max(64, min(_MAX_PENDING_REFUSALS, limit - cap - _FD_RESERVE))
         if limit < cap + _FD_RESERVE:
             log.warning(
-                "open files limit below server.max_connections: accepts will fail before the cap",
+                f"open files limit {limit} is below max_connections {cap} + {_FD_RESERVE} spare:"
+                " accepts will fail before the cap (raise it: ulimit -n, systemd LimitNOFILE=)",
                 extra={"open_files_limit": limit, "max_connections": cap},
             )
 

@@ -191,7 +191,7 @@ async def serve_mock(
     app = app or MockUpstreamApp(settings)
     sock = open_listen_socket(bind, backlog=4096, reuse_port=False)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    server = HttpServer(app, ServerLimits(max_connections=1_000_000, max_body_bytes=64 << 20))  # type: ignore[arg-type]
+    server = HttpServer(app, ServerLimits(max_connections=8192, max_body_bytes=64 << 20))  # type: ignore[arg-type]
     hostport = display_address(sock)
     async with trio.open_nursery() as nursery:
         await nursery.start(

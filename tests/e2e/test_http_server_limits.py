@@ -318,3 +318,17 @@ print(raise_open_files_limit(100), resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[:3] == ["450 450", "600 600", "600 600"]
+
+    # a hard limit below the cap: the server warns with the numbers, and keeps a few pending
+    sizing = """
+import logging, resource
+from sbactor.http_server._server import HttpServer, ServerLimits
+logging.basicConfig(format="%(levelname)s %(message)s")
+resource.setrlimit(resource.RLIMIT_NOFILE, (300, 600))
+server = HttpServer(None, ServerLimits(max_connections=2048))
+server._size_for_open_files()
+print(server._max_pending)
+"""
+    out = subprocess.run([sys.executable, "-c", sizing], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "64"
+    assert "WARNING open files limit 600 is below max_connections 2048 + 1024 spare" in out.stderr
