@@ -64,6 +64,14 @@ class ServerConfig:
     max_connections: int = attrs.field(default=2048, validator=_positive)
     #: idle time between requests on a keep-alive connection before it is closed
     keep_alive_s: float = attrs.field(default=75.0, validator=_positive)
+    #: from a request's first byte to its last: slower is 408 (a slow-loris client holds a
+    #: connection slot, not the gateway)
+    request_read_s: float = attrs.field(default=30.0, validator=_positive)
+    #: for each 64 KiB of a response to be taken by the client; a client that stops reading
+    #: is disconnected after this
+    write_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    #: request line + headers; larger is 431
+    max_header_bytes: int = attrs.field(default=64 * 1024, validator=_positive)
     #: shed new requests (503) while the event loop lags more than this; 0 = off
     shed_loop_lag_ms: float = attrs.field(default=0.0, validator=_non_negative)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -44,6 +44,9 @@ def http_server(config: Config, app: Edge) -> HttpServer:
         max_connections=server.max_connections,
         max_body_bytes=server.max_body_bytes,
         keep_alive_s=server.keep_alive_s,
+        request_read_s=server.request_read_s,
+        write_timeout_s=server.write_timeout_s,
+        max_header_bytes=server.max_header_bytes,
     )
     return HttpServer(app, limits, access_log=server.access_log)
 

@@ -176,6 +176,39 @@ async def test_error_statuses_and_shapes(
         assert "Traceback" not in response.text
 
 
+async def test_server_guards_from_the_config(
+    start_gateway: StartGateway, mock_upstream: MockUpstream
+) -> None:
+    """request_read_s and max_header_bytes reach the HTTP server: a slow-loris request gets 408,
+    an oversized header block 431, and a normal request on the same gateway is served."""
+    cfg = _config(mock_upstream)
+    cfg["server"] = {"auth": "off", "request_read_s": 0.3, "max_header_bytes": 2048,
+                     "write_timeout_s": 5}
+    gw = await start_gateway(cfg)
+    assert (gw.gateway.config.server.write_timeout_s, gw.gateway.config.server.max_header_bytes
+            ) == (5, 2048)
+    host, port = gw.address.rsplit(":", 1)
+
+    async def exchange(data: bytes) -> bytes:
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(data)
+        answer = b""
+        while chunk := await stream.receive_some(65536):
+            answer += chunk
+        await stream.aclose()
+        return answer
+
+    with trio.fail_after(10):
+        started = trio.current_time()
+        slow = await exchange(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")  # never ends
+        assert slow.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in slow
+        assert trio.current_time() - started < 5
+        big = await exchange(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"y" * 3000
+                             + b"\r\n\r\n")
+        assert big.startswith(b"HTTP/1.1 431")
+    assert (await gw.chat("hi")).status_code == 200
+
+
 async def test_virtual_keys(start_gateway: StartGateway, mock_upstream: MockUpstream) -> None:
     key = "sk-sb-test-key-123"
     cfg = _config(mock_upstream)
@@ -240,7 +273,8 @@ async def test_bad_stream_options_and_token_limits_are_400s(
         ({"max_tokens": 0}, "max_tokens"),
     ]
     for extra, param in bad:
-        r = await gw.client.post("/v1/chat/completions", json={"model": "m", "messages": msgs, **extra})
+        body = {"model": "m", "messages": msgs, **extra}
+        r = await gw.client.post("/v1/chat/completions", json=body)
         assert r.status_code == 400, (extra, r.text)
         assert r.json()["error"]["param"] == param
     assert mock_upstream.received() == []
