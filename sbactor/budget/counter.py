@@ -30,6 +30,11 @@ def _frac(used: float, cap: float | None) -> float:
     return 0.0 if cap is None else used / cap
 
 
+def sample_interval(window: Window, interval_s: float) -> float:
+    """A burn-rate sample's length: ``forecast_interval_s``, at most a tenth of the window."""
+    return max(min(interval_s, WINDOW_SECONDS[window] / 10), 1.0)
+
+
 @attrs.define(eq=False)
 class Counter:
     window: Window
@@ -65,11 +70,10 @@ class Counter:
         alpha: float,
         now: float,
     ) -> Counter:
-        interval = max(min(interval_s, WINDOW_SECONDS[window] / 10), 1.0)
-        c = cls(window, rolling, max_cost, max_tokens, interval, alpha)
+        c = cls(window, rolling, max_cost, max_tokens, sample_interval(window, interval_s), alpha)
         if not rolling:
             c.start, c.end = window_start(window, now), window_end(window, now)
-        c.sample_start = bucket_start(interval, now)
+        c.sample_start = bucket_start(c.interval, now)
         return c
 
     # ---- time --------------------------------------------------------------------------

@@ -36,8 +36,10 @@ from sbactor.actors.budget_tracker import (
 )
 from sbactor.actors.runtime import ActorClosed, NotInline
 from sbactor.budget.book import CounterView, Refused, soft_landing
+from sbactor.budget.counter import sample_interval
 from sbactor.budget.ratelimit import RateRefused
 from sbactor.budget.scopes import CounterId, RequestScopes, counters_for, rate_counters_for
+from sbactor.budget.shared_burn import SharedBurn, used_fraction
 from sbactor.budget.windows import iso, window_end, window_start
 from sbactor.state.client import StateClient, StateUnavailable
 
@@ -90,6 +92,8 @@ class SharedBudgetTracker(BudgetTracker):
     _degraded_calls: int = attrs.field(init=False, default=0)
     _unavailable_refusals: int = attrs.field(init=False, default=0)
     _flushed: int = attrs.field(init=False, default=0)
+    # the shared burn rate per counter, from the shared spend read at each pre-flight
+    _burn: dict[CounterId, SharedBurn] = attrs.field(init=False, factory=dict)
 
     async def on_start(self) -> None:
         await super().on_start()
@@ -239,17 +243,20 @@ class SharedBudgetTracker(BudgetTracker):
             self._shared_refused += 1
             return self._budget_refusal(bi, value, reply[2], float(reply[3]), float(reply[4]),
                                         cost, tokens, now)
-        # admitted: soft landing from the shared fractions (before this request's hold)
+        # admitted: soft landing from the shared fractions and burn rates (before this
+        # request's hold)
         views = []
         for n, (bi, value) in enumerate(budget_ids):
             b = self.budgets[bi]
+            cid = CounterId(self._book._labels[bi], value)
             used_cost, used_tokens = float(reply[1 + 2 * n]), float(reply[2 + 2 * n])
-            fraction = max(
-                used_cost / b.max_cost_usd if b.max_cost_usd else 0.0,
-                used_tokens / b.max_tokens if b.max_tokens else 0.0,
-            )
-            views.append(CounterView(CounterId(self._book._labels[bi], value), b, fraction,
-                                     fraction))
+            burn = self._shared_burn(cid, bi)
+            burn.observe(now, window_start(b.window, now), used_cost, used_tokens)
+            fraction = used_fraction(used_cost, used_tokens, b.max_cost_usd, b.max_tokens)
+            forecast = burn.forecast(now, window_end(b.window, now), used_cost, used_tokens,
+                                     b.max_cost_usd, b.max_tokens,
+                                     self.settings.forecast_min_samples)
+            views.append(CounterView(cid, b, fraction, forecast))
         decision = soft_landing(views, req.scopes.model)
         flat_keys = tuple(k for key, _l, _t in budget_keys for k in (key, key + ":h"))
         self._held[req.request_id] = _Held(
@@ -258,6 +265,13 @@ class SharedBudgetTracker(BudgetTracker):
         )
         self._note_warning(decision, now)
         return PreflightResult.admitted(decision, cost)
+
+    def _shared_burn(self, cid: CounterId, bi: int) -> SharedBurn:
+        burn = self._burn.get(cid)
+        if burn is None:
+            interval = sample_interval(self.budgets[bi].window, self.settings.forecast_interval_s)
+            burn = self._burn[cid] = SharedBurn(interval, self.settings.forecast_alpha)
+        return burn
 
     def _budget_refusal(
         self, bi: int, value: str, dimension: str, spent: float, reserved: float,
@@ -413,12 +427,18 @@ class SharedBudgetTracker(BudgetTracker):
             b = self.budgets[bi]
             label = self._book._labels[bi]
             spent, tokens, reserved, reserved_tokens = (float(v or 0) for v in reply)
-            fraction = max(
-                (spent + reserved) / b.max_cost_usd if b.max_cost_usd else 0.0,
-                (tokens + reserved_tokens) / b.max_tokens if b.max_tokens else 0.0,
-            )
+            fraction = used_fraction(spent + reserved, tokens + reserved_tokens, b.max_cost_usd,
+                                     b.max_tokens)
             mine = by_id.pop((label, value), None)
             end = window_end(b.window, now)
+            burn = self._burn.get(CounterId(label, value))
+            if burn is None:  # this process has not served this counter yet: no readings
+                forecast, rate = fraction, None
+            else:
+                forecast = burn.forecast(now, end, spent + reserved, tokens + reserved_tokens,
+                                         b.max_cost_usd, b.max_tokens,
+                                         self.settings.forecast_min_samples)
+                rate = round(burn.rate_cost * 3600, 9)
             rows.append({
                 "budget": label,
                 "scope": b.scope,
@@ -432,8 +452,8 @@ class SharedBudgetTracker(BudgetTracker):
                 "max_cost_usd": b.max_cost_usd,
                 "max_tokens": b.max_tokens,
                 "fraction": round(fraction, 6),
-                "forecast_fraction": round(fraction, 6),  # the forecast is not shared
-                "burn_rate_usd_per_hour": None if mine is None else mine["burn_rate_usd_per_hour"],
+                "forecast_fraction": round(forecast, 6),
+                "burn_rate_usd_per_hour": rate,  # all instances, from the shared spend
                 "resets_at": None if math.isinf(end) else iso(end),
                 "source": "redis",
                 "instance_spent_usd": 0.0 if mine is None else mine["spent_usd"],

@@ -182,6 +182,52 @@ async def test_rpm_limit_holds_across_instances(
     assert codes.count(200) == 5 and codes.count(429) == 3, codes
 
 
+async def test_forecast_uses_the_burn_rate_of_all_instances(
+    start_mock: StartMock, start_gateway: StartGateway, redis: RedisServer
+) -> None:
+    """``act_on: forecast`` with two instances: each sees the shared spend grow at the rate of
+    both (not only its own half) and lands softly while the spend is still far from the cap."""
+    from tests.e2e.test_budgets import COST, NOON, REPLY, FakeWallClock, _chat, _config, _rows
+
+    mock = await start_mock(reply=REPLY)
+    budget = {
+        "name": "burn", "scope": "global", "window": "day", "max_cost_usd": 100 * COST,
+        "soft_landing": {"warn_at": 0.5, "downgrade_at": 0.9, "downgrade_to": "cheap",
+                         "act_on": "forecast"},
+    }
+    settings = {"forecast_interval_s": 60, "forecast_min_samples": 3, "snapshot_path": ""}
+    state = {"backend": "redis", "url": redis.url, "key_prefix": "burn:", "timeout_s": 0.5}
+    cfg = _config(mock, budgets=[budget], budget_settings=settings, state=state)
+    a, b = await start_gateway(cfg), await start_gateway(cfg)
+    clock = FakeWallClock(NOON)
+    for gw in (a, b):
+        assert gw.gateway.budgets is not None
+        gw.gateway.budgets.clock = clock
+
+    # One request a minute, alternating: 1 % of the cap a minute in all, 12 h left in the day.
+    # a reads the shared spend at minutes 0, 2, 4 (2 + 2 samples by minute 4); b at 1, 3, 5.
+    warned: list[tuple[int, str]] = []
+    for minute in range(6):
+        gw = a if minute % 2 == 0 else b
+        r = await _chat(gw)
+        assert r.status_code == 200
+        if "x-sbactor-budget-warning" in r.headers:
+            warned.append((minute, mock.received()[-1]["model"]))
+            assert "forecast" in r.headers["x-sbactor-budget-warning"]
+        clock.now += 60
+    assert warned == [(4, "up-cheap"), (5, "up-cheap")]  # each once it has 3 samples
+
+    spent = 4 * COST + 2 * COST / 10  # the last two at the cheap model's price
+    with trio.fail_after(10):  # the last reconcile reaches redis
+        while (row := (await _rows(a))["burn|*"])["spent_usd"] < spent - 1e-12:
+            await trio.sleep(0.02)
+    assert row["source"] == "redis" and row["fraction"] < 0.1 < 1 < row["forecast_fraction"]
+    # a's readings (minutes 0, 2, 4: 0, 2, 4 COST shared; a worst case of m equals its cost, so
+    # reconciled or not makes no difference) give 2 + 2 samples of 2 COST per 2 minutes:
+    # (1 - 0.7**2) * (1 + 0.7**2) * 60 COST/h, about 45.6; a's own spend would give half
+    assert row["burn_rate_usd_per_hour"] == pytest.approx(0.51 * 1.49 * 60 * COST, rel=1e-6)
+
+
 # ---- routing feedback across instances ----------------------------------------------------------
 
 

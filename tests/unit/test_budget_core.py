@@ -18,6 +18,7 @@ from sbactor.budget.config import (
 from sbactor.budget.estimate import estimate_tokens, output_cap, worst_case_cost
 from sbactor.budget.ratelimit import RateLimiter
 from sbactor.budget.scopes import RequestScopes
+from sbactor.budget.shared_burn import SharedBurn
 from sbactor.budget.windows import iso, window_end, window_length, window_start
 
 
@@ -366,3 +367,44 @@ def test_tpm_counts_worst_case_then_actual() -> None:
     assert limiter.check(ALICE, 200, T0 + 2) is None
     too_big = limiter.check(ALICE, 5000, T0 + 2)
     assert too_big is not None and too_big.retry_after_s == 60
+
+
+# ---- the shared burn rate (redis backend) ----------------------------------------------------
+
+
+def test_shared_burn_learns_the_rate_of_the_shared_spend() -> None:
+    burn = SharedBurn(interval=60.0, alpha=0.3)
+    day_start, end = 0.0, 86_400.0
+    spend = 0.0
+    for minute in range(10):  # all instances together spend 1 USD a minute
+        burn.observe(minute * 60.0, day_start, spend, 0.0)
+        spend += 1.0
+    assert burn.samples == 9
+    assert burn.rate_cost == pytest.approx((1 - 0.7**9) / 60)
+    # before min_samples the forecast is the current fraction; after, spend + rate x time left
+    assert burn.forecast(600.0, end, 10.0, 0.0, 1000.0, None, 10) == pytest.approx(0.01)
+    expected = (10.0 + burn.rate_cost * (end - 600.0)) / 1000.0
+    assert burn.forecast(600.0, end, 10.0, 0.0, 1000.0, None, 3) == pytest.approx(expected)
+    assert expected > 0.8
+    # a total window has no end to forecast to
+    assert burn.forecast(600.0, math.inf, 10.0, 0.0, 1000.0, None, 3) == pytest.approx(0.01)
+
+
+def test_shared_burn_gaps_decay_new_windows_rebase_and_readings_never_go_negative() -> None:
+    burn = SharedBurn(interval=60.0, alpha=0.5)
+    burn.observe(0.0, 0.0, 0.0, 0.0)
+    burn.observe(30.0, 0.0, 5.0, 50.0)  # inside the interval: nothing closes
+    assert (burn.samples, burn.rate_cost) == (0, 0.0)
+    burn.observe(60.0, 0.0, 6.0, 60.0)
+    assert burn.samples == 1
+    assert (burn.rate_cost, burn.rate_tokens) == pytest.approx((0.05, 0.5))
+    burn.observe(660.0, 0.0, 6.0, 60.0)  # ten idle intervals: ten samples of nothing
+    assert burn.samples == 11
+    assert burn.rate_cost == pytest.approx(0.05 * 0.5**10)
+    burn.observe(720.0, 0.0, 5.5, 60.0)  # a hold settled below its worst case: rate 0, not < 0
+    assert burn.rate_cost == pytest.approx(0.05 * 0.5**11)
+    rate = burn.rate_cost
+    burn.observe(800.0, 86_400.0, 0.1, 1.0)  # a new window: a new baseline, the rate is kept
+    burn.observe(860.0, 86_400.0, 0.1, 1.0)
+    assert burn.rate_cost == pytest.approx(rate * 0.5)
+    assert burn.samples == 13

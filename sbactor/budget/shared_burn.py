@@ -1,0 +1,78 @@
+"""The burn rate of a budget counter kept in Redis, from the shared spend this process reads.
+
+With ``state.backend: redis`` each process serves only its share of the requests, so a burn
+rate built from its own spend (what ``Counter`` does) is about 1/N of the real one with N
+processes, and ``act_on: forecast`` would land late. But every pre-flight reply carries the
+counter's shared spend (spent + reserved, all processes), so successive readings give the whole
+rate with no more Redis state: an EWMA of the shared spend's growth, one sample per
+``forecast_interval_s`` as in ``Counter`` (a gap of several intervals counts as several samples of
+the gap's average, so a team that stops spending stops looking dangerous).
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+from sbactor.budget.counter import _frac
+
+
+def used_fraction(
+    cost: float, tokens: float, max_cost: float | None, max_tokens: int | None
+) -> float:
+    """The tighter of the cost and token fractions of a cap."""
+    return max(_frac(cost, max_cost), _frac(tokens, max_tokens))
+
+
+@attrs.define(eq=False)
+class SharedBurn:
+    interval: float  # sample length (s): ``counter.sample_interval``
+    alpha: float  # EWMA weight of the newest sample
+    rate_cost: float = 0.0  # USD / s, all processes
+    rate_tokens: float = 0.0  # tokens / s
+    samples: int = 0
+    _window: float = math.nan  # start of the window of the baseline (nan: no reading yet)
+    _since: float = 0.0  # when the baseline was read
+    _cost: float = 0.0  # the baseline: shared spend + reservations then
+    _tokens: float = 0.0
+
+    def observe(self, now: float, window_start: float, cost: float, tokens: float) -> None:
+        """Fold in one reading of the shared counter (before this request's own hold)."""
+        if window_start != self._window:  # the first reading, or a new window: a new baseline
+            self._window, self._since, self._cost, self._tokens = window_start, now, cost, tokens
+            return
+        elapsed = now - self._since
+        if elapsed < self.interval:
+            return
+        n = int(elapsed // self.interval)
+        keep = (1.0 - self.alpha) ** n
+        # reservations settling below their worst case can shrink the reading: never a
+        # negative rate
+        self.rate_cost = keep * self.rate_cost + (1 - keep) * max(cost - self._cost, 0.0) / elapsed
+        self.rate_tokens = (
+            keep * self.rate_tokens + (1 - keep) * max(tokens - self._tokens, 0.0) / elapsed
+        )
+        self.samples += n
+        self._since, self._cost, self._tokens = now, cost, tokens
+
+    def forecast(
+        self,
+        now: float,
+        window_end: float,
+        cost: float,
+        tokens: float,
+        max_cost: float | None,
+        max_tokens: int | None,
+        min_samples: int,
+    ) -> float:
+        """Fraction expected at the window's end if the shared rate holds (never below now)."""
+        current = used_fraction(cost, tokens, max_cost, max_tokens)
+        if self.samples < min_samples or math.isinf(window_end):
+            return current
+        remaining = max(window_end - now, 0.0)
+        return max(
+            current,
+            _frac(cost + self.rate_cost * remaining, max_cost),
+            _frac(tokens + self.rate_tokens * remaining, max_tokens),
+        )
