@@ -3,10 +3,12 @@
 With ``state.backend: redis`` each process serves only its share of the requests, so a burn
 rate built from its own spend (what ``Counter`` does) is about 1/N of the real one with N
 processes, and ``act_on: forecast`` would land late. But every pre-flight reply carries the
-counter's shared spend (spent + reserved, all processes), so successive readings give the whole
-rate with no more Redis state: an EWMA of the shared spend's growth, one sample per
-``forecast_interval_s`` as in ``Counter`` (a gap of several intervals counts as several samples of
-the gap's average, so a team that stops spending stops looking dangerous).
+counter's shared spend (all processes), so successive readings give the whole rate with no more
+Redis state: an EWMA of the shared spend's growth, one sample per ``forecast_interval_s`` as in
+``Counter``. A gap of k intervals between two readings counts as k samples of the gap's
+average, so a team that stops spending stops looking dangerous; a new window restarts the spend
+from zero, which is then the baseline. Only spent money is read, never reservations: a hold
+settling below its worst case would otherwise look like spend that came and went.
 """
 
 from __future__ import annotations
@@ -34,25 +36,28 @@ class SharedBurn:
     samples: int = 0
     _window: float = math.nan  # start of the window of the baseline (nan: no reading yet)
     _since: float = 0.0  # when the baseline was read
-    _cost: float = 0.0  # the baseline: shared spend + reservations then
+    _cost: float = 0.0  # the baseline: the shared spend then
     _tokens: float = 0.0
 
     def observe(self, now: float, window_start: float, cost: float, tokens: float) -> None:
-        """Fold in one reading of the shared counter (before this request's own hold)."""
-        if window_start != self._window:  # the first reading, or a new window: a new baseline
+        """Fold in one reading of the shared spend (spent, without reservations)."""
+        if self._window != self._window:  # nan: the first reading is the baseline
             self._window, self._since, self._cost, self._tokens = window_start, now, cost, tokens
             return
+        if window_start != self._window:  # a new window: its spend started from zero
+            self._window, self._cost, self._tokens = window_start, 0.0, 0.0
         elapsed = now - self._since
-        if elapsed < self.interval:
-            return
         n = int(elapsed // self.interval)
-        keep = (1.0 - self.alpha) ** n
-        # reservations settling below their worst case can shrink the reading: never a
-        # negative rate
-        self.rate_cost = keep * self.rate_cost + (1 - keep) * max(cost - self._cost, 0.0) / elapsed
-        self.rate_tokens = (
-            keep * self.rate_tokens + (1 - keep) * max(tokens - self._tokens, 0.0) / elapsed
-        )
+        if n <= 0:
+            return
+        cost_rate = max(cost - self._cost, 0.0) / elapsed
+        token_rate = max(tokens - self._tokens, 0.0) / elapsed
+        if self.samples == 0:  # the first sample is the rate, as in ``Counter``
+            self.rate_cost, self.rate_tokens = cost_rate, token_rate
+        else:
+            keep = (1.0 - self.alpha) ** n
+            self.rate_cost = keep * self.rate_cost + (1 - keep) * cost_rate
+            self.rate_tokens = keep * self.rate_tokens + (1 - keep) * token_rate
         self.samples += n
         self._since, self._cost, self._tokens = now, cost, tokens
 

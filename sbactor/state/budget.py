@@ -249,9 +249,11 @@ class SharedBudgetTracker(BudgetTracker):
         for n, (bi, value) in enumerate(budget_ids):
             b = self.budgets[bi]
             cid = CounterId(self._book._labels[bi], value)
-            used_cost, used_tokens = float(reply[1 + 2 * n]), float(reply[2 + 2 * n])
+            used_cost, used_tokens, spent_cost, spent_tokens = (
+                float(v) for v in reply[1 + 4 * n : 5 + 4 * n]
+            )
             burn = self._shared_burn(cid, bi)
-            burn.observe(now, window_start(b.window, now), used_cost, used_tokens)
+            burn.observe(now, window_start(b.window, now), spent_cost, spent_tokens)
             fraction = used_fraction(used_cost, used_tokens, b.max_cost_usd, b.max_tokens)
             forecast = burn.forecast(now, window_end(b.window, now), used_cost, used_tokens,
                                      b.max_cost_usd, b.max_tokens,

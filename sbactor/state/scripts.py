@@ -44,7 +44,8 @@ end
 # KEYS: nr rate keys, then nb pairs (counter, holds).
 # ARGV: now, member, cost, tokens, nr, reservation ttl, then per rate key (rpm, tpm; -1 = none),
 #       then per budget pair (max_cost, max_tokens; -1 = none, key ttl; -1 = never expires).
-# Returns {"ok", used_cost_1, used_tokens_1, ...} (spent + reserved before this request), or
+# Returns {"ok", used_cost_1, used_tokens_1, spent_cost_1, spent_tokens_1, ...} (used = spent +
+# reserved, before this request; spent alone feeds the burn rate), or
 # {"rate", index, "rpm"|"tpm", used, retry_after} or {"budget", index, "cost"|"tokens", spent,
 # reserved}. Nothing is recorded unless every limit and every budget admits the request.
 RESERVE = _PURGE + """
@@ -108,6 +109,7 @@ for i = 1, nb do
     return {'budget', tostring(i), 'tokens', tostring(st), tostring(rt)}
   end
   table.insert(used, tostring(sc + rc)); table.insert(used, tostring(st + rt))
+  table.insert(used, tostring(sc)); table.insert(used, tostring(st))
 end
 for i = 1, nr do
   local key = KEYS[i]

@@ -204,9 +204,13 @@ async def test_forecast_uses_the_burn_rate_of_all_instances(
         assert gw.gateway.budgets is not None
         gw.gateway.budgets.clock = clock
 
+    async def shared_spend() -> float:
+        return float((await _rows(a))["burn|*"]["spent_usd"])
+
     # One request a minute, alternating: 1 % of the cap a minute in all, 12 h left in the day.
     # a reads the shared spend at minutes 0, 2, 4 (2 + 2 samples by minute 4); b at 1, 3, 5.
     warned: list[tuple[int, str]] = []
+    spent = 0.0
     for minute in range(6):
         gw = a if minute % 2 == 0 else b
         r = await _chat(gw)
@@ -214,18 +218,19 @@ async def test_forecast_uses_the_burn_rate_of_all_instances(
         if "x-sbactor-budget-warning" in r.headers:
             warned.append((minute, mock.received()[-1]["model"]))
             assert "forecast" in r.headers["x-sbactor-budget-warning"]
+        spent += float(r.headers["x-sbactor-cost-usd"])
+        with trio.fail_after(10):  # its reconcile reaches redis before the next reading
+            while await shared_spend() < spent - 1e-12:
+                await trio.sleep(0.02)
         clock.now += 60
     assert warned == [(4, "up-cheap"), (5, "up-cheap")]  # each once it has 3 samples
+    assert spent == pytest.approx(4 * COST + 2 * COST / 10)
 
-    spent = 4 * COST + 2 * COST / 10  # the last two at the cheap model's price
-    with trio.fail_after(10):  # the last reconcile reaches redis
-        while (row := (await _rows(a))["burn|*"])["spent_usd"] < spent - 1e-12:
-            await trio.sleep(0.02)
+    row = (await _rows(a))["burn|*"]
     assert row["source"] == "redis" and row["fraction"] < 0.1 < 1 < row["forecast_fraction"]
-    # a's readings (minutes 0, 2, 4: 0, 2, 4 COST shared; a worst case of m equals its cost, so
-    # reconciled or not makes no difference) give 2 + 2 samples of 2 COST per 2 minutes:
-    # (1 - 0.7**2) * (1 + 0.7**2) * 60 COST/h, about 45.6; a's own spend would give half
-    assert row["burn_rate_usd_per_hour"] == pytest.approx(0.51 * 1.49 * 60 * COST, rel=1e-6)
+    # a's readings (minutes 0, 2, 4: 0, 2 and 4 COST spent by both) give 2 + 2 samples of
+    # 2 COST per 2 minutes: 60 COST an hour; a's own spend would give half of it
+    assert row["burn_rate_usd_per_hour"] == pytest.approx(60 * COST, rel=1e-6)
 
 
 # ---- routing feedback across instances ----------------------------------------------------------

@@ -380,12 +380,11 @@ def test_shared_burn_learns_the_rate_of_the_shared_spend() -> None:
         burn.observe(minute * 60.0, day_start, spend, 0.0)
         spend += 1.0
     assert burn.samples == 9
-    assert burn.rate_cost == pytest.approx((1 - 0.7**9) / 60)
+    assert burn.rate_cost == pytest.approx(1 / 60)  # the first sample seeds it, as in Counter
     # before min_samples the forecast is the current fraction; after, spend + rate x time left
     assert burn.forecast(600.0, end, 10.0, 0.0, 1000.0, None, 10) == pytest.approx(0.01)
-    expected = (10.0 + burn.rate_cost * (end - 600.0)) / 1000.0
+    expected = (10.0 + (end - 600.0) / 60) / 1000.0
     assert burn.forecast(600.0, end, 10.0, 0.0, 1000.0, None, 3) == pytest.approx(expected)
-    assert expected > 0.8
     # a total window has no end to forecast to
     assert burn.forecast(600.0, math.inf, 10.0, 0.0, 1000.0, None, 3) == pytest.approx(0.01)
 
@@ -397,14 +396,26 @@ def test_shared_burn_gaps_decay_new_windows_rebase_and_readings_never_go_negativ
     assert (burn.samples, burn.rate_cost) == (0, 0.0)
     burn.observe(60.0, 0.0, 6.0, 60.0)
     assert burn.samples == 1
-    assert (burn.rate_cost, burn.rate_tokens) == pytest.approx((0.05, 0.5))
+    assert (burn.rate_cost, burn.rate_tokens) == pytest.approx((0.1, 1.0))
     burn.observe(660.0, 0.0, 6.0, 60.0)  # ten idle intervals: ten samples of nothing
     assert burn.samples == 11
-    assert burn.rate_cost == pytest.approx(0.05 * 0.5**10)
-    burn.observe(720.0, 0.0, 5.5, 60.0)  # a hold settled below its worst case: rate 0, not < 0
-    assert burn.rate_cost == pytest.approx(0.05 * 0.5**11)
+    assert burn.rate_cost == pytest.approx(0.1 * 0.5**10)
+    burn.observe(720.0, 0.0, 5.5, 60.0)  # a reading below the last one: a rate of 0, not < 0
+    assert burn.rate_cost == pytest.approx(0.1 * 0.5**11)
     rate = burn.rate_cost
-    burn.observe(800.0, 86_400.0, 0.1, 1.0)  # a new window: a new baseline, the rate is kept
-    burn.observe(860.0, 86_400.0, 0.1, 1.0)
-    assert burn.rate_cost == pytest.approx(rate * 0.5)
-    assert burn.samples == 13
+    # a new window: its spend so far (0.1 over the 80 s since the last reading) is the sample
+    burn.observe(800.0, 86_400.0, 0.1, 1.0)
+    assert burn.samples == 12 + 1
+    assert burn.rate_cost == pytest.approx(0.5 * rate + 0.5 * 0.1 / 80)
+
+
+def test_shared_burn_forgets_yesterday_after_a_quiet_night() -> None:
+    """Spending fast until 23:00, then nothing until 09:00 in a new day window: the first
+    request of the day must not be downgraded for yesterday's rate."""
+    burn = SharedBurn(interval=60.0, alpha=0.3)
+    day, hour = 86_400.0, 3_600.0
+    for minute in range(121):  # 21:00 to 23:00, 1 USD a minute
+        burn.observe(21 * hour + minute * 60, 0.0, float(minute), 0.0)
+    assert burn.rate_cost == pytest.approx(1 / 60)
+    burn.observe(day + 9 * hour, day, 0.0, 0.0)
+    assert burn.forecast(day + 9 * hour, 2 * day, 0.0, 0.0, 1000.0, None, 3) < 1e-6
