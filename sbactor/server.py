@@ -47,6 +47,8 @@ def http_server(config: Config, app: Edge) -> HttpServer:
         request_read_s=server.request_read_s,
         write_timeout_s=server.write_timeout_s,
         max_header_bytes=server.max_header_bytes,
+        # upstream pools at their fullest, plus the ledger, logs, listeners and Redis
+        reserved_fds=256 + sum(getattr(p, "max_connections", 0) for p in config.providers),
     )
     return HttpServer(app, limits, access_log=server.access_log)
 

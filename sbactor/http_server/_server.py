@@ -38,7 +38,7 @@ _ACCEPT_BURST = 256  # connections taken per wake-up of the accept loop
 # at 4x saturation on this machine (an overloaded load generator connects long before it
 # writes): the overflow was exactly the connection errors its clients saw.
 _MAX_PENDING_REFUSALS = 16384
-_FD_RESERVE = 1024  # descriptors kept for the rest: upstream pools, ledger, logs, listeners
+_MACOS_OPEN_MAX = 10240  # the most setrlimit accepts there when the hard limit is "unlimited"
 _REFUSAL_WAIT_S = 5.0  # an over-cap connection that sends nothing in this long is closed
 _SWEEP_INTERVAL_S = 0.01
 _LINGER_LIMIT = 1 << 20  # request bytes read and dropped after an early error answer
@@ -53,6 +53,9 @@ class ServerLimits:
     request_read_s: float = 30.0  # from a request's first byte to its last
     write_timeout_s: float = 30.0  # for each ≤ 64 KiB of a response to be taken by the client
     evict_idle_after_s: float = 2.0  # at the cap, only a connection idle this long makes room
+    #: descriptors the rest of the process may need (upstream pools, ledger, logs, listeners):
+    #: pending refusals never take these
+    reserved_fds: int = 1024
 
 
 @attrs.frozen
@@ -185,31 +188,37 @@ class HttpServer:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._size_for_open_files()
-        async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as acceptors:
+        try:
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(self._accept_loop, listener, connections)
+                    acceptors.start_soon(self._sweep_refusals)
+                    task_status.started()
+                    await shutdown_trigger()
+                    acceptors.cancel_scope.cancel()  # stop accepting; open connections go on
+                self._close_pending_refusals()
                 for listener in listeners:
-                    acceptors.start_soon(self._accept_loop, listener, connections)
-                acceptors.start_soon(self._sweep_refusals)
-                task_status.started()
-                await shutdown_trigger()
-                acceptors.cancel_scope.cancel()  # stop accepting; open connections go on
-            for fd in list(self._pending_refusals):
-                self._unpend(fd).close()
-            for listener in listeners:
-                await listener.aclose()
-            await self._drain(grace_s)
-            connections.cancel_scope.cancel()
+                    await listener.aclose()
+                await self._drain(grace_s)
+                connections.cancel_scope.cancel()
+        finally:  # also when cancelled from outside: no socket left open
+            self._close_pending_refusals()
+
+    def _close_pending_refusals(self) -> None:
+        for fd in list(self._pending_refusals):
+            self._unpend(fd).close()
 
     def _size_for_open_files(self) -> None:
         """Every connection and pending refusal is a file descriptor: raise the soft limit
         toward the hard one if the cap needs it (the common soft default, 1,024, is below
         ``max_connections``' default), and size the pending refusals to what is left."""
-        cap = self.limits.max_connections
-        limit = raise_open_files_limit(cap + _MAX_PENDING_REFUSALS + _FD_RESERVE)
-        self._max_pending = max(64, min(_MAX_PENDING_REFUSALS, limit - cap - _FD_RESERVE))
-        if limit < cap + _FD_RESERVE:
+        cap, spare = self.limits.max_connections, self.limits.reserved_fds
+        limit = raise_open_files_limit(cap + _MAX_PENDING_REFUSALS + spare)
+        self._max_pending = max(64, min(_MAX_PENDING_REFUSALS, limit - cap - spare))
+        if limit < cap + spare:
             log.warning(
-                f"open files limit {limit} is below max_connections {cap} + {_FD_RESERVE} spare:"
+                f"open files limit {limit} is below max_connections {cap} + {spare} spare:"
                 " accepts will fail before the cap (raise it: ulimit -n, systemd LimitNOFILE=)",
                 extra={"open_files_limit": limit, "max_connections": cap},
             )
@@ -337,8 +346,13 @@ def raise_open_files_limit(wanted: int) -> int:
     if soft == resource.RLIM_INFINITY or soft >= wanted:
         return wanted if soft == resource.RLIM_INFINITY else soft
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError):
-        return soft
-    return target
+    # macOS reports an unlimited hard limit but refuses more than OPEN_MAX: try that next
+    for attempt in dict.fromkeys((target, min(target, _MACOS_OPEN_MAX))):
+        if attempt <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (attempt, hard))
+        except (ValueError, OSError):
+            continue
+        return attempt
+    return soft

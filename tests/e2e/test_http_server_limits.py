@@ -332,3 +332,51 @@ print(server._max_pending)
     out = subprocess.run([sys.executable, "-c", sizing], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "64"
     assert "WARNING open files limit 600 is below max_connections 2048 + 1024 spare" in out.stderr
+
+
+def test_the_spare_descriptors_follow_the_provider_pools() -> None:
+    """Pending refusals never take the descriptors the upstream pools may need."""
+    from sbactor.config import parse_config
+    from sbactor.server import http_server
+
+    config = parse_config({
+        "providers": [{"name": "a", "type": "openai", "base_url": "http://a/v1",
+                       "max_connections": 100},
+                      {"name": "b", "type": "openai", "base_url": "http://b/v1"}],
+        "models": [{"name": "m", "deployments": [{"provider": "a"}, {"provider": "b"}]}],
+        "server": {"request_read_s": 7},
+    }, env={})
+    server = http_server(config, app=None)  # type: ignore[arg-type]
+    assert server.limits.reserved_fds == 256 + 100 + 256
+    assert server.limits.request_read_s == 7
+
+
+async def test_pending_refusals_are_closed_when_serving_is_cancelled(
+    nursery: trio.Nursery,
+) -> None:
+    """Cancelled from outside (not shut down): over-cap sockets waiting for their request are
+    closed, not leaked."""
+    from sbactor.http_server import HttpServer, ServerLimits
+
+    app = App()
+    server = HttpServer(app, ServerLimits(max_connections=1))
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    cancel = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[None]) -> None:
+        with cancel:
+            await server.serve(listeners, shutdown_trigger=trio.sleep_forever, grace_s=1,
+                               task_status=task_status)
+
+    await nursery.start(run)
+    with trio.fail_after(5):
+        busy = await trio.open_tcp_stream("127.0.0.1", port)
+        await busy.send_all(get("/slow"))
+        await app.entered.wait()
+        silent = await trio.open_tcp_stream("127.0.0.1", port)
+        while not server._pending_refusals:  # noqa: ASYNC110 (no event to wait on)
+            await trio.sleep(0.01)
+        cancel.cancel()
+        assert await silent.receive_some(100) == b""  # closed
+        assert not server._pending_refusals
