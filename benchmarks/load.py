@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -412,8 +413,6 @@ def start_gateway(name: str, config: Path, tmp: Path, mock_url: str) -> Server:
 def gateway_counters(server: Server, prefix: str = "sbactor_http_") -> dict[str, float]:
     """The gateway's own counters from /metrics: what it says it did, beside what the
     client saw."""
-    import urllib.request
-
     url = server.url.removesuffix("/v1") + "/metrics"
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
@@ -437,8 +436,6 @@ def find_litellm(venv: str | None) -> str | None:
 
 def start_litellm(exe: str, tmp: Path, mock_url: str) -> Server:
     """LiteLLM proxy with the same model list as all-on/passthrough, one worker."""
-    import urllib.request
-
     config = tmp / "litellm.yaml"
     config.write_text(
         "model_list:\n"

@@ -30,6 +30,13 @@ def _frac(used: float, cap: float | None) -> float:
     return 0.0 if cap is None else used / cap
 
 
+def used_fraction(
+    cost: float, tokens: float, max_cost: float | None, max_tokens: int | None
+) -> float:
+    """The tighter of the cost and token fractions of a cap."""
+    return max(_frac(cost, max_cost), _frac(tokens, max_tokens))
+
+
 def sample_interval(window: Window, interval_s: float) -> float:
     """A burn-rate sample's length: ``forecast_interval_s``, at most a tenth of the window."""
     return max(min(interval_s, WINDOW_SECONDS[window] / 10), 1.0)
@@ -149,9 +156,11 @@ class Counter:
 
     def fraction(self) -> float:
         """Tightest of the cost and token fractions, reservations included."""
-        return max(
-            _frac(self.spent_cost + self.reserved_cost, self.max_cost),
-            _frac(self.spent_tokens + self.reserved_tokens, self.max_tokens),
+        return used_fraction(
+            self.spent_cost + self.reserved_cost,
+            self.spent_tokens + self.reserved_tokens,
+            self.max_cost,
+            self.max_tokens,
         )
 
     def forecast(self, now: float, min_samples: int) -> float:
@@ -167,7 +176,7 @@ class Counter:
             remaining = max(self.end - now, 0.0)
             cost = self.spent_cost + self.reserved_cost + self.rate_cost * remaining
             tokens = self.spent_tokens + self.reserved_tokens + self.rate_tokens * remaining
-        return max(current, _frac(cost, self.max_cost), _frac(tokens, self.max_tokens))
+        return max(current, used_fraction(cost, tokens, self.max_cost, self.max_tokens))
 
     def resets_at(self, now: float) -> float:
         """When spend next drops: window end (calendar), oldest bucket leaving (rolling)."""

@@ -17,14 +17,7 @@ import math
 
 import attrs
 
-from sbactor.budget.counter import _frac
-
-
-def used_fraction(
-    cost: float, tokens: float, max_cost: float | None, max_tokens: int | None
-) -> float:
-    """The tighter of the cost and token fractions of a cap."""
-    return max(_frac(cost, max_cost), _frac(tokens, max_tokens))
+from sbactor.budget.counter import used_fraction
 
 
 @attrs.define(eq=False)
@@ -41,7 +34,7 @@ class SharedBurn:
 
     def observe(self, now: float, window_start: float, cost: float, tokens: float) -> None:
         """Fold in one reading of the shared spend (spent, without reservations)."""
-        if self._window != self._window:  # nan: the first reading is the baseline
+        if math.isnan(self._window):  # the first reading is the baseline
             self._window, self._since, self._cost, self._tokens = window_start, now, cost, tokens
             return
         if window_start != self._window:  # a new window: its spend started from zero
@@ -76,8 +69,10 @@ class SharedBurn:
         if self.samples < min_samples or math.isinf(window_end):
             return current
         remaining = max(window_end - now, 0.0)
-        return max(
-            current,
-            _frac(cost + self.rate_cost * remaining, max_cost),
-            _frac(tokens + self.rate_tokens * remaining, max_tokens),
+        expected = used_fraction(
+            cost + self.rate_cost * remaining,
+            tokens + self.rate_tokens * remaining,
+            max_cost,
+            max_tokens,
         )
+        return max(current, expected)

@@ -347,7 +347,7 @@ def raise_open_files_limit(wanted: int) -> int:
         return wanted if soft == resource.RLIM_INFINITY else soft
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     # macOS reports an unlimited hard limit but refuses more than OPEN_MAX: try that next
-    for attempt in dict.fromkeys((target, min(target, _MACOS_OPEN_MAX))):
+    for attempt in (target, min(target, _MACOS_OPEN_MAX)):
         if attempt <= soft:
             break
         try:

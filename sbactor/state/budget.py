@@ -36,10 +36,10 @@ from sbactor.actors.budget_tracker import (
 )
 from sbactor.actors.runtime import ActorClosed, NotInline
 from sbactor.budget.book import CounterView, Refused, soft_landing
-from sbactor.budget.counter import sample_interval
+from sbactor.budget.counter import sample_interval, used_fraction
 from sbactor.budget.ratelimit import RateRefused
 from sbactor.budget.scopes import CounterId, RequestScopes, counters_for, rate_counters_for
-from sbactor.budget.shared_burn import SharedBurn, used_fraction
+from sbactor.budget.shared_burn import SharedBurn
 from sbactor.budget.windows import iso, window_end, window_start
 from sbactor.state.client import StateClient, StateUnavailable
 
